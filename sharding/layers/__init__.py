@@ -1,0 +1,1 @@
+"""Parallel building blocks. The module owning a parameter has a `weight_loader` that reads only its slice."""

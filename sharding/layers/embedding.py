@@ -1,0 +1,59 @@
+"""Vocabulary-parallel embedding and LM head: each TP rank owns a contiguous block of rows."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sharding.dist import ParallelGroups, tp_all_gather_last_dim, tp_all_reduce
+from sharding.layers.linear import WeightShapeError, copy_checked
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [start, end) of the (padded) vocabulary; other ids contribute zeros, then all-reduce."""
+
+    def __init__(self, vocab_size: int, padded_vocab_size: int, hidden: int, groups: ParallelGroups):
+        super().__init__()
+        self.groups = groups
+        self.vocab_size = vocab_size
+        self.hidden = hidden
+        per = padded_vocab_size // groups.tp_size
+        self.start = groups.tp_rank * per
+        self.end = self.start + per
+        self.weight = nn.Parameter(torch.empty(per, hidden), requires_grad=False)
+
+    def weight_loader(self, param, sl, name, shard_id=None) -> int:
+        shape = sl.get_shape()
+        if list(shape) != [self.vocab_size, self.hidden]:
+            raise WeightShapeError(f"{name}: has shape {shape}, expected [{self.vocab_size}, {self.hidden}]")
+        real_end = min(self.end, self.vocab_size)
+        param.data.zero_()   # padding rows stay zero
+        if real_end <= self.start:
+            return 0
+        loaded = sl[self.start:real_end]
+        copy_checked(param.data.narrow(0, 0, real_end - self.start), loaded, name)
+        return loaded.numel() * loaded.element_size()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # ids: [tokens] -> [tokens, hidden]
+        if self.groups.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        mine = (ids >= self.start) & (ids < self.end)
+        out = F.embedding(torch.where(mine, ids - self.start, 0), self.weight)
+        out = out * mine.unsqueeze(-1).to(out.dtype)
+        return tp_all_reduce(out, self.groups)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Logits for this rank's vocabulary rows, gathered so the sampler sees the whole vocabulary.
+
+    With tied embeddings the same checkpoint tensor is read (and, on a stage that also embeds,
+    the same parameter is shared).
+    """
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [n, hidden] -> local logits [n, vocab/tp] -> all-gather -> [n, vocab]
+        local = F.linear(hidden, self.weight)
+        logits = tp_all_gather_last_dim(local, self.groups)
+        return logits[:, : self.vocab_size]

@@ -1,0 +1,128 @@
+"""The Llama family (Llama, Mistral, Qwen2, SmolLM2) as one pipeline stage, read top to bottom.
+
+attention -> MLP -> decoder layer -> stage. The parallel layers do the cutting; the only
+communication visible here is inside `RowParallelLinear` and the vocabulary-parallel layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sharding.dist import ParallelGroups
+from sharding.layers.attention import AttentionMetadata, PagedAttention
+from sharding.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from sharding.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from sharding.layers.norm import RMSNorm
+from sharding.layers.rotary import RotaryEmbedding
+from sharding.plan import ShardPlan
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg, plan: ShardPlan, groups: ParallelGroups, rotary: RotaryEmbedding):
+        super().__init__()
+        d = plan.dims
+        bias = bool(getattr(cfg, "attention_bias", False)) or d.model_type == "qwen2"
+        self.heads, self.kv_heads, self.head_dim = plan.heads_per_rank, plan.kv_heads_per_rank, d.head_dim
+        self.qkv_proj = QKVParallelLinear(d.hidden_size, d.head_dim, d.num_heads, d.num_kv_heads, bias, groups)
+        self.o_proj = RowParallelLinear(d.num_heads * d.head_dim, d.hidden_size,
+                                        bool(getattr(cfg, "attention_bias", False)), groups)
+        self.rotary = rotary
+        self.attn = PagedAttention(self.heads, self.kv_heads, d.head_dim, d.head_dim ** -0.5)
+
+    def forward(self, x, kv_cache, meta: AttentionMetadata):
+        # x: [T, hidden] -> qkv: [T, (H + 2 KV) * D / tp]
+        q, k, v = self.qkv_proj(x).split(
+            [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
+        q = q.view(-1, self.heads, self.head_dim)
+        k = k.view(-1, self.kv_heads, self.head_dim)
+        q, k = self.rotary(meta.positions, q, k)
+        out = self.attn(q, k, v.view(-1, self.kv_heads, self.head_dim), kv_cache, meta)
+        return self.o_proj(out)   # all-reduce inside
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg, plan: ShardPlan, groups: ParallelGroups):
+        super().__init__()
+        d = plan.dims
+        bias = bool(getattr(cfg, "mlp_bias", False))
+        self.gate_up_proj = ColumnParallelLinear(d.hidden_size, [d.intermediate_size] * 2, bias, groups)
+        self.down_proj = RowParallelLinear(d.intermediate_size, d.hidden_size, bias, groups)
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported for Llama-family models; only silu")
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)   # all-reduce inside
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg, plan: ShardPlan, groups: ParallelGroups, rotary: RotaryEmbedding):
+        super().__init__()
+        eps = cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(plan.dims.hidden_size, eps)
+        self.self_attn = LlamaAttention(cfg, plan, groups, rotary)
+        self.post_attention_layernorm = RMSNorm(plan.dims.hidden_size, eps)
+        self.mlp = LlamaMLP(cfg, plan, groups)
+
+    def forward(self, x, kv_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBody(nn.Module):
+    """`model.*` in the checkpoint: embeddings (first stage), this stage's layers, final norm (last)."""
+
+    def __init__(self, cfg, plan: ShardPlan, groups: ParallelGroups, rotary: RotaryEmbedding):
+        super().__init__()
+        d = plan.dims
+        pp_rank = groups.pp_rank
+        if plan.is_first(pp_rank):
+            self.embed_tokens = VocabParallelEmbedding(d.vocab_size, plan.padded_vocab_size, d.hidden_size, groups)
+        # keyed by global layer index, so parameter names match the checkpoint's
+        self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(cfg, plan, groups, rotary)
+                                     for i in plan.layers(pp_rank)})
+        if plan.is_last(pp_rank):
+            self.norm = RMSNorm(d.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaStage(nn.Module):
+    # checkpoint name fragment -> (our fragment, shard id) for merged projections
+    packed_modules = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+                      "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def __init__(self, cfg, plan: ShardPlan, groups: ParallelGroups):
+        super().__init__()
+        self.plan, self.groups = plan, groups
+        self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.rotary = RotaryEmbedding(cfg, plan.dims.head_dim)
+        self.model = LlamaBody(cfg, plan, groups, self.rotary)
+        if plan.is_last(groups.pp_rank):
+            d = plan.dims
+            self.lm_head = ParallelLMHead(d.vocab_size, plan.padded_vocab_size, d.hidden_size, groups)
+
+    def checkpoint_names(self, param_name: str) -> list[tuple[str, object]]:
+        """Checkpoint tensors feeding one of our parameters, with the shard id for each."""
+        if param_name == "lm_head.weight" and self.tied:
+            return [("model.embed_tokens.weight", None)]
+        merged = [(param_name.replace(ours, ckpt), shard)
+                  for ckpt, (ours, shard) in self.packed_modules.items() if f".{ours}." in param_name]
+        return merged or [(param_name, None)]
+
+    def materialize(self, device: torch.device) -> None:
+        self.rotary.materialize(device)
+
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(ids)
+
+    def forward(self, x, kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        # x: [T, hidden]; kv_caches[i] belongs to this stage's i-th layer
+        for layer, cache in zip(self.model.layers.values(), kv_caches):
+            x = layer(x, cache, meta)
+        if self.plan.is_last(self.groups.pp_rank):
+            x = self.model.norm(x)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

@@ -1,0 +1,129 @@
+"""Run ModelRunners as plain gloo processes (no Ray, no engine) and collect what they computed.
+
+The parent plays the scheduler: it gives every rank the same `StepInput`s. Sampled tokens come
+from the last stage's TP rank 0 and are broadcast to all ranks so the next step's diff is the
+same everywhere (in production the engine sends them).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from scheduler.config import EngineConfig
+from scheduler.wire import NewSequence, ScheduledSequence, SeqSampling, StepInput
+from sharding.dist import free_port, init_replica
+
+
+@dataclass
+class Job:
+    model: str
+    prompts: list[list[int]]
+    new_tokens: int
+    dtype: str = "float32"
+    block_size: int = 16
+
+
+@dataclass
+class RankResult:
+    prefill_logits: list | None = None       # [num prompts] tensors [vocab], last stage only
+    tokens: list[list[int]] = field(default_factory=list)
+    logprobs: list[list[float]] = field(default_factory=list)
+    loaded_bytes: int = 0
+    rss_before_kb: int = 0
+    peak_rss_kb: int = 0
+    peak_anon_kb: int = 0
+
+
+def _rss_anon_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _run_job(job: Job, tp: int, pp: int, groups) -> RankResult:
+    from sharding.runner import ModelRunner
+
+    res = RankResult(rss_before_kb=_rss_anon_kb())
+    peak = [res.rss_before_kb]
+    # sample private memory while loading, from a thread (ru_maxrss also counts mmapped file pages)
+    import threading
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_anon_kb())
+            done.wait(0.005)
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    need = max(len(p) for p in job.prompts) + job.new_tokens
+    blocks_per_seq = -(-need // job.block_size)
+    config = EngineConfig(model=job.model, tensor_parallel_size=tp, pipeline_parallel_size=pp, dtype=job.dtype,
+                          block_size=job.block_size, num_kv_blocks=blocks_per_seq * len(job.prompts) + 1)
+    runner = ModelRunner(config, groups)
+    done.set()
+    t.join()
+    res.peak_anon_kb = max(peak[0], _rss_anon_kb())
+    res.peak_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    res.loaded_bytes = runner.loaded_bytes
+
+    greedy = SeqSampling(temperature=0.0)
+    new = [NewSequence(i, list(p), len(p), list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq)), greedy)
+           for i, p in enumerate(job.prompts)]
+    # prefill logits (then forget the sequences so the decode run starts clean)
+    logits = runner.forward_logits(StepInput(0, new_sequences=new, scheduled=[
+        ScheduledSequence(i, 0, len(p), True) for i, p in enumerate(job.prompts)]))
+    if logits is not None:
+        res.prefill_logits = [row.clone() for row in logits]
+    runner.seqs.clear()
+    # greedy decode through the block KV cache: prefill all, then one token per step
+    scheduled = [ScheduledSequence(i, 0, len(p), True) for i, p in enumerate(job.prompts)]
+    step = StepInput(1, new_sequences=new, scheduled=scheduled)
+    tokens = [[] for _ in job.prompts]
+    logprobs = [[] for _ in job.prompts]
+    for k in range(job.new_tokens):
+        out = runner.execute(step)
+        payload = [None]
+        if out is not None:
+            payload = [(out.token_ids, out.logprobs)]
+        if groups.world_size > 1:
+            dist.broadcast_object_list(payload, src=groups.world_size - tp)
+        toks, lps = payload[0]
+        for i, (t, lp) in enumerate(zip(toks, lps)):
+            tokens[i].append(t)
+            logprobs[i].append(lp)
+        step = StepInput(k + 2, scheduled=[
+            ScheduledSequence(i, len(p) + k, 1, True, [tokens[i][-1]]) for i, p in enumerate(job.prompts)])
+    res.tokens, res.logprobs = tokens, logprobs
+    return res
+
+
+def _worker(rank: int, tp: int, pp: int, port: int, jobs: list[Job], out_dir: str) -> None:
+    torch.set_num_threads(1)
+    groups = init_replica(rank, tp, pp, "127.0.0.1", port, timeout_s=120)
+    try:
+        results = [_run_job(job, tp, pp, groups) for job in jobs]
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        groups.destroy()
+
+
+def run_layout(jobs: list[Job], tp: int, pp: int) -> dict[int, list[RankResult]]:
+    """Run every job at layout (tp, pp); returns rank -> one RankResult per job."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(_worker, args=(tp, pp, free_port("127.0.0.1"), jobs, out_dir), nprocs=tp * pp,
+                           join=True, start_method="spawn")
+        return {r: torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(tp * pp)}
+
+
+def driver_rank(tp: int, pp: int) -> int:
+    """Global rank of the last stage's TP rank 0."""
+    return (pp - 1) * tp
