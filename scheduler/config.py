@@ -62,7 +62,7 @@ class EngineConfig:
         if self.dtype not in SUPPORTED_DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is not supported; choose one of {SUPPORTED_DTYPES}")
         if self.max_model_len is not None and self.max_model_len < 2:
-            raise ConfigError(f"max_model_len={self.max_model_len} must be at least 2 (one prompt and one output token)")
+            raise ConfigError(f"max_model_len={self.max_model_len} must be at least 2 (a prompt and an output token)")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ConfigError(f"kv_cache_memory={self.kv_cache_memory} must be a positive number of bytes")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

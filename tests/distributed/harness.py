@@ -50,8 +50,10 @@ def _rss_anon_kb() -> int:
 
 
 def _run_job(job: Job, tp: int, pp: int, groups) -> RankResult:
+    from sharding.plan import load_hf_config
     from sharding.runner import ModelRunner
 
+    load_hf_config(job.model)   # imports transformers first: its modules are not model memory
     res = RankResult(rss_before_kb=_rss_anon_kb())
     peak = [res.rss_before_kb]
     # sample private memory while loading, from a thread (ru_maxrss also counts mmapped file pages)

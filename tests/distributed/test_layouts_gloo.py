@@ -9,7 +9,6 @@ HF's), then decode 16 greedy tokens through the paged KV cache (tokens compared 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.distributed.harness import Job, driver_rank, run_layout
 from tests.fixtures.reference import hf_greedy, hf_prefill_logits

@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from scheduler.config import EngineConfig
 from scheduler.wire import NewSequence, ScheduledSequence, SeqSampling, StepInput
 from sharding.dist import init_single_rank
-from sharding.loader import CheckpointError
 from sharding.layers.linear import WeightShapeError
+from sharding.loader import CheckpointError
 from sharding.plan import UnsupportedModelError
 from sharding.runner import ModelRunner
 from tests.fixtures.reference import hf_prefill_logits
