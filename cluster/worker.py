@@ -1,0 +1,82 @@
+"""`ShardWorker`: the Ray actor that hosts one rank (one (replica, pp_rank, tp_rank)).
+
+A plain class; `cluster.ray_executor` turns it into an actor with `ray.remote(ShardWorker).options(...)`
+so the resources, placement and runtime environment are decided in one place. The executor keeps
+`max_concurrency=1`: Ray then runs one actor's calls one at a time in submission order, and that
+order - the same on every rank of a replica - is what makes the pipeline's send/recv pairs match.
+
+The worker holds weights and KV cache only; every request's state lives in the scheduler, so a
+replica's workers can be killed and rebuilt at any time.
+
+Only run on CPU so far; on a GPU node the executor asks for `GPU: 1` and Ray narrows
+`CUDA_VISIBLE_DEVICES` to it, and `sharding.dist.select_device()` (the only place that picks a
+device) takes it with NCCL.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import ray
+import torch
+
+from cluster.placement import torch_threads_for
+
+
+class ShardWorker:
+    """One rank: joins its replica's process group, loads its shard, runs steps."""
+
+    def __init__(self, cpu_share: float) -> None:
+        self.num_threads = torch_threads_for(cpu_share)
+        torch.set_num_threads(self.num_threads)
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.node_ip = ray.util.get_node_ip_address()
+        self.pid = os.getpid()
+        self.groups = None   # sharding.dist.ParallelGroups, after init
+        self.runner = None   # sharding.runner.ModelRunner, after init
+
+    def where(self) -> dict:
+        """Where this rank runs (for placement checks and error messages)."""
+        return {"node_id": self.node_id, "node_ip": self.node_ip, "pid": self.pid, "num_threads": self.num_threads}
+
+    def get_address(self) -> tuple[str, int]:
+        """(node ip, a free port) for the replica's rendezvous; asked of local rank 0 only."""
+        from sharding.dist import free_port
+
+        return self.node_ip, free_port(self.node_ip)
+
+    def init(self, config, rank: int, master_addr: str, master_port: int) -> dict:
+        """Join the replica's process group, build this rank's stage and load only its shard.
+
+        Every rank of the replica calls this at the same time (the rendezvous waits for all of
+        them, at most `config.collective_timeout_s`). Returns what the executor needs (KV blocks,
+        where the rank runs) and how long each part took, in seconds.
+        """
+        t0 = time.perf_counter()
+        from sharding.dist import init_replica
+        from sharding.runner import ModelRunner
+
+        t1 = time.perf_counter()
+        self.groups = init_replica(rank, config.tensor_parallel_size, config.pipeline_parallel_size,
+                                   master_addr, master_port, timeout_s=config.collective_timeout_s)
+        t2 = time.perf_counter()
+        self.runner = ModelRunner(config, self.groups)
+        t3 = time.perf_counter()
+        return {"rank": rank, "num_kv_blocks": self.runner.num_kv_blocks, "loaded_bytes": self.runner.loaded_bytes,
+                "device": str(self.groups.device), "backend": self.groups.backend,
+                "seconds": {"import": t1 - t0, "rendezvous": t2 - t1, "load": t3 - t2}, **self.where()}
+
+    def execute(self, step_bytes: bytes) -> bytes | None:
+        """Run one micro-batch (msgpack `StepInput`); the `StepOutput` bytes on the sampling rank, else None."""
+        return self.runner.execute_bytes(step_bytes)
+
+    def ping(self) -> dict:
+        return self.where()
+
+    def shutdown(self) -> None:
+        """Leave the process group; the executor kills the process right after."""
+        self.runner = None
+        if self.groups is not None:
+            self.groups.destroy()
+            self.groups = None
