@@ -29,7 +29,7 @@ from scheduler.wire import (
     encode_step_output,
 )
 from sharding.dist import ParallelGroups, pp_recv, pp_send
-from sharding.layers.attention import AttentionMetadata
+from sharding.layers.attention import AttentionGroup, AttentionMetadata
 from sharding.loader import DTYPES, load_stage
 from sharding.plan import ShardPlan, load_hf_config
 from sharding.sampler import Sampler, SamplerInput
@@ -69,6 +69,11 @@ class CachedSequence:
     num_prompt: int
     block_ids: list[int]
     sampling: SeqSampling
+
+
+def _padded(block_ids: list[int], n: int) -> list[int]:
+    """The first n block ids, padded with block 0 (its slots are masked out)."""
+    return block_ids[:n] + [0] * (n - min(len(block_ids), n))
 
 
 class ModelRunner:
@@ -123,22 +128,40 @@ class ModelRunner:
         seqs = [self.seqs[s.seq_id] for s in sched]
         num_new = torch.tensor([s.num_new for s in sched], device=dev)
         num_computed = torch.tensor([s.num_computed for s in sched], device=dev)
-        ctx = num_computed + num_new
-        max_blocks = int((ctx.max() + bs - 1) // bs)
-        block_tables = torch.tensor([seq.block_ids[:max_blocks] + [0] * (max_blocks - min(len(seq.block_ids),
-                                     max_blocks)) for seq in seqs], dtype=torch.long, device=dev)
+        max_blocks = int((int((num_computed + num_new).max()) + bs - 1) // bs)
+        block_tables = torch.tensor([_padded(seq.block_ids, max_blocks) for seq in seqs], dtype=torch.long,
+                                    device=dev)
         ids = torch.tensor([t for s, seq in zip(sched, seqs)
                             for t in seq.token_ids[s.num_computed:s.num_computed + s.num_new]], device=dev)
-        batch, total = len(sched), int(num_new.sum())
-        q_seq = torch.repeat_interleave(torch.arange(batch, device=dev), num_new)
-        starts = torch.cumsum(num_new, 0) - num_new
-        q_off = torch.arange(total, device=dev) - starts[q_seq]
+        q_seq = torch.repeat_interleave(torch.arange(len(sched), device=dev), num_new)
+        q_off = torch.arange(q_seq.shape[0], device=dev) - (torch.cumsum(num_new, 0) - num_new)[q_seq]
         positions = num_computed[q_seq] + q_off
         slot_mapping = block_tables[q_seq, positions // bs] * bs + positions % bs
+        decode = num_new == 1
+        if bool(decode.all()) or not bool(decode.any()):
+            groups = [self._group(None, q_seq, q_off, num_new, num_computed, block_tables)]
+        else:
+            groups = [self._group(rows, q_seq, q_off, num_new, num_computed, block_tables)
+                      for rows in (decode.nonzero().squeeze(1), (~decode).nonzero().squeeze(1))]
+        return ids, AttentionMetadata(positions=positions, slot_mapping=slot_mapping, groups=groups)
+
+    def _group(self, rows, q_seq, q_off, num_new, num_computed, block_tables) -> AttentionGroup:
+        """Attention inputs for the sequences `rows` (None: all of them)."""
+        dev, bs = self.groups.device, self.block_size
+        if rows is None:
+            token_idx = torch.arange(q_seq.shape[0], device=dev)
+        else:
+            token_idx = torch.isin(q_seq, rows).nonzero().squeeze(1)
+            remap = torch.full((num_new.shape[0],), -1, dtype=torch.long, device=dev)
+            remap[rows] = torch.arange(rows.shape[0], device=dev)
+            q_seq, q_off = remap[q_seq[token_idx]], q_off[token_idx]
+            num_new, num_computed = num_new[rows], num_computed[rows]
+            max_blocks = int((int((num_computed + num_new).max()) + bs - 1) // bs)
+            block_tables = block_tables[rows, :max_blocks]
         max_q = int(num_new.max())
         # mask[b, 0, i, j]: query i of sequence b may see key position j
         qi = torch.arange(max_q, device=dev)
-        kj = torch.arange(max_blocks * bs, device=dev)
+        kj = torch.arange(block_tables.shape[1] * bs, device=dev)
         qpos = num_computed[:, None] + qi[None, :]                      # [B, max_q]
         real_q = qi[None, :] < num_new[:, None]                           # [B, max_q]
         allowed = kj[None, None, :] <= qpos[:, :, None]
@@ -146,9 +169,8 @@ class ModelRunner:
             allowed &= qpos[:, :, None] - kj[None, None, :] < self.sliding_window
         pad_row = (~real_q)[:, :, None] & (kj == 0)[None, None, :]        # padding queries see slot 0 only
         mask = ((allowed & real_q[:, :, None]) | pad_row)[:, None]
-        meta = AttentionMetadata(positions=positions, slot_mapping=slot_mapping, block_tables=block_tables,
-                                 q_seq=q_seq, q_off=q_off, mask=mask, max_q=max_q)
-        return ids, meta
+        return AttentionGroup(token_idx=token_idx, block_tables=block_tables, q_seq=q_seq, q_off=q_off,
+                              mask=mask, max_q=max_q)
 
     # 3-5. forward
     @torch.inference_mode()

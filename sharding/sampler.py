@@ -45,22 +45,29 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, inp: SamplerInput) -> SamplerOutput:
-        # logits: [B, V] float32 (the whole vocabulary, unpadded)
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = self._apply_penalties(logits.clone(), inp)
+        # logits: [B, V] float32 (the whole vocabulary, unpadded); logprobs are of these raw logits
+        raw = logits
+        logits = self._apply_penalties(logits, inp)
         temps = torch.tensor([s.temperature for s in inp.sampling], device=logits.device)
         greedy = temps < _GREEDY_EPS
         tokens = logits.argmax(dim=-1)
         if not bool(greedy.all()):
             sampled = self._sample(logits, temps.clamp_min(_GREEDY_EPS), inp)
             tokens = torch.where(greedy, tokens, sampled)
-        chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
-        return SamplerOutput(tokens.tolist(), chosen.tolist(), self._top_logprobs(raw_logprobs, inp))
+        # log p(token) = logit - logsumexp(logits): no [B, V] log-softmax unless top logprobs are wanted
+        chosen = raw.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)
+        return SamplerOutput(tokens.tolist(), chosen.tolist(), self._top_logprobs(raw, inp))
 
     def _apply_penalties(self, logits: torch.Tensor, inp: SamplerInput) -> torch.Tensor:
+        """Penalised copy of the logits (the input itself when nothing applies)."""
         batch, vocab = logits.shape
         rows = [i for i, s in enumerate(inp.sampling)
                 if s.repetition_penalty != 1.0 or s.presence_penalty or s.frequency_penalty]
+        suppress = [i for i, s in enumerate(inp.sampling) if s.min_tokens and s.suppress_token_ids
+                    and len(inp.histories[i]) - inp.num_prompt[i] < s.min_tokens]
+        if not rows and not suppress:
+            return logits
+        logits = logits.clone()
         if rows:
             # counts of output tokens and presence of any token, per row: [B, V]
             out_counts = torch.zeros(batch, vocab + 1, device=logits.device)
@@ -77,10 +84,8 @@ class Sampler:
             freq = torch.tensor([s.frequency_penalty for s in inp.sampling], device=logits.device)[:, None]
             pres = torch.tensor([s.presence_penalty for s in inp.sampling], device=logits.device)[:, None]
             logits = logits - freq * out_counts - pres * (out_counts > 0).to(logits.dtype)
-        for i, s in enumerate(inp.sampling):
-            if s.min_tokens and s.suppress_token_ids and len(inp.histories[i]) - inp.num_prompt[i] < s.min_tokens:
-                ids = [t for t in s.suppress_token_ids if 0 <= t < vocab]
-                logits[i, ids] = float("-inf")
+        for i in suppress:
+            logits[i, [t for t in inp.sampling[i].suppress_token_ids if 0 <= t < vocab]] = float("-inf")
         return logits
 
     def _sample(self, logits: torch.Tensor, temps: torch.Tensor, inp: SamplerInput) -> torch.Tensor:
@@ -114,11 +119,12 @@ class Sampler:
         return order.gather(1, choice[:, None]).squeeze(1)
 
     @staticmethod
-    def _top_logprobs(raw_logprobs: torch.Tensor, inp: SamplerInput) -> list[list[tuple[int, float]] | None]:
+    def _top_logprobs(raw: torch.Tensor, inp: SamplerInput) -> list[list[tuple[int, float]] | None]:
         wanted = [s.logprobs or 0 for s in inp.sampling]
         k = max(wanted, default=0)
         if k == 0:
             return [None if s.logprobs is None else [] for s in inp.sampling]
+        raw_logprobs = torch.log_softmax(raw, dim=-1)
         values, ids = raw_logprobs.topk(min(k, raw_logprobs.shape[-1]), dim=-1)
         values, ids = values.tolist(), ids.tolist()
         return [None if s.logprobs is None else list(zip(ids[i][: s.logprobs], values[i][: s.logprobs]))

@@ -2,9 +2,11 @@
 
 Each layer's cache is one tensor [2, num_blocks, block_size, kv_heads_local, head_dim]. A
 sequence's token at position p lives in slot `block_table[p // block_size] * block_size +
-p % block_size`. One step may mix prefill chunks and decode tokens: queries are scattered into
-a padded [B, max_q] grid, keys and values gathered through the block tables into [B, max_ctx],
-and a boolean mask keeps each query to its own sequence's earlier positions.
+p % block_size`. One step may mix prefill chunks and decode tokens. Sequences are split into at
+most two groups, decodes (one query each) and prefills (many), so a 512-token prefill chunk
+does not pad 63 decodes to 512 query rows. Within a group, queries are scattered into a padded
+[B, max_q] grid, keys and values gathered through the block tables into [B, max_ctx], and a
+boolean mask keeps each query to its own sequence's earlier positions.
 """
 
 from __future__ import annotations
@@ -17,16 +19,25 @@ from torch import nn
 
 
 @dataclass
+class AttentionGroup:
+    """Sequences attended together: their tokens, block tables and mask."""
+
+    token_idx: torch.Tensor     # [T_g] rows of the step's flat token batch belonging to this group
+    block_tables: torch.Tensor  # [B_g, max_blocks] padded with block 0 (masked out)
+    q_seq: torch.Tensor         # [T_g] which sequence (row of the group) each token belongs to
+    q_off: torch.Tensor         # [T_g] index of the token within its sequence's chunk
+    mask: torch.Tensor          # [B_g, 1, max_q, max_blocks * block_size] True = may attend
+    max_q: int
+
+
+@dataclass
 class AttentionMetadata:
     """Built once per step by the runner, shared by every layer."""
 
     positions: torch.Tensor     # [T] position of each token in its sequence
     slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
-    block_tables: torch.Tensor  # [B, max_blocks] padded with block 0 (masked out)
-    q_seq: torch.Tensor         # [T] which sequence (row of the batch) each token belongs to
-    q_off: torch.Tensor         # [T] index of the token within its sequence's chunk
-    mask: torch.Tensor          # [B, 1, max_q, max_blocks * block_size] True = may attend
-    max_q: int
+    groups: list[AttentionGroup]
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None   # (cos, sin) [T, 1, D], set by the model once
 
 
 class PagedAttention(nn.Module):
@@ -41,17 +52,29 @@ class PagedAttention(nn.Module):
         # q: [T, H, D]; k, v: [T, KV, D]; kv_cache: [2, blocks, block_size, KV, D]
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         flat = (-1, self.num_kv_heads, self.head_dim)
+        # write every new token first: a prefill chunk attends to its own keys
         k_cache.view(flat).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         v_cache.view(flat).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        if len(meta.groups) == 1:
+            return self._attend(q, k_cache, v_cache, meta.groups[0]).reshape(q.shape[0], -1)
+        out = q.new_empty(q.shape)
+        for group in meta.groups:   # at most two: decodes, prefills
+            out[group.token_idx] = self._attend(q[group.token_idx], k_cache, v_cache, group)
+        return out.reshape(q.shape[0], -1)
 
-        batch = meta.block_tables.shape[0]
+    def _attend(self, q, k_cache, v_cache, g: AttentionGroup) -> torch.Tensor:
+        batch = g.block_tables.shape[0]
         # keys, values: [B, KV, max_ctx, D]
-        keys = k_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)
-        values = v_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)
-        # queries: [B, H, max_q, D]; padding rows are zero and attend to slot 0 only
-        qp = q.new_zeros(batch, meta.max_q, self.num_heads, self.head_dim)
-        qp[meta.q_seq, meta.q_off] = q
-        out = F.scaled_dot_product_attention(qp.transpose(1, 2), keys, values, attn_mask=meta.mask,
-                                             scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
-        # back to [T, H * D]
-        return out.transpose(1, 2)[meta.q_seq, meta.q_off].reshape(q.shape[0], -1)
+        keys = k_cache[g.block_tables].flatten(1, 2).transpose(1, 2)
+        values = v_cache[g.block_tables].flatten(1, 2).transpose(1, 2)
+        if g.max_q == 1:   # decode: one query per sequence, already in row order
+            qp = q.view(batch, 1, self.num_heads, self.head_dim)
+        else:              # queries: [B, max_q, H, D]; padding rows are zero and attend to slot 0 only
+            qp = q.new_zeros(batch, g.max_q, self.num_heads, self.head_dim)
+            qp[g.q_seq, g.q_off] = q
+        out = F.scaled_dot_product_attention(qp.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype),
+                                             attn_mask=g.mask, scale=self.scale,
+                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        # back to [T_g, H, D]
+        out = out.transpose(1, 2)
+        return out.reshape(batch, self.num_heads, self.head_dim) if g.max_q == 1 else out[g.q_seq, g.q_off]

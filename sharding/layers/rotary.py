@@ -53,10 +53,14 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.scaling = rope_inv_freq(self.hf_config, self.head_dim)
         self.inv_freq = inv_freq.to(device)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # positions: [T]; q: [T, H, D]; k: [T, KV, D]
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [T, 1, D] for the step's positions, computed once and shared by every layer."""
         freqs = positions[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.scaling).to(q.dtype)[:, None, :]
-        sin = (emb.sin() * self.scaling).to(q.dtype)[:, None, :]
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        return (emb.cos() * self.scaling).to(dtype)[:, None, :], (emb.sin() * self.scaling).to(dtype)[:, None, :]
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+    # q: [T, H, D]; k: [T, KV, D]; cos, sin: [T, 1, D]
+    cos, sin = rope
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

@@ -15,7 +15,7 @@ from sharding.layers.attention import AttentionMetadata, PagedAttention
 from sharding.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from sharding.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from sharding.layers.norm import RMSNorm
-from sharding.layers.rotary import RotaryEmbedding
+from sharding.layers.rotary import RotaryEmbedding, apply_rotary
 from sharding.plan import ShardPlan
 
 
@@ -37,7 +37,7 @@ class LlamaAttention(nn.Module):
             [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
         q = q.view(-1, self.heads, self.head_dim)
         k = k.view(-1, self.kv_heads, self.head_dim)
-        q, k = self.rotary(meta.positions, q, k)
+        q, k = apply_rotary(q, k, meta.rope)
         out = self.attn(q, k, v.view(-1, self.kv_heads, self.head_dim), kv_cache, meta)
         return self.o_proj(out)   # all-reduce inside
 
@@ -118,6 +118,7 @@ class LlamaStage(nn.Module):
 
     def forward(self, x, kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         # x: [T, hidden]; kv_caches[i] belongs to this stage's i-th layer
+        meta.rope = self.rotary.cos_sin(meta.positions, x.dtype)
         for layer, cache in zip(self.model.layers.values(), kv_caches):
             x = layer(x, cache, meta)
         if self.plan.is_last(self.groups.pp_rank):

@@ -1,0 +1,153 @@
+"""Shared pieces of the benchmarks: the model folder, timing, memory bandwidth, markdown tables.
+
+Every benchmark compares candidates measured in the same run on the same machine, with their
+repetitions interleaved (A B, B A, A B, ...) so that load from other processes hits both
+alike; what we report are medians and ratios of medians, never absolute timings alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+# On a shared, oversubscribed machine libgomp's default spin-then-yield barrier makes every
+# multi-threaded op wait for a descheduled sibling thread: measured here, a 2-thread `sin` of
+# 2k floats took 5-15 ms instead of 0.01 ms. Passive waiting removes that pathology for both
+# sides alike. It must be set before torch (and its OpenMP runtime) is loaded; an explicit
+# OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `python benchmarks/x.py` puts benchmarks/ first, not the repo
+    sys.path.insert(0, str(REPO_ROOT))
+
+FALLBACK_MODEL = "/tmp/smol"
+"""A converted SmolLM2 copy used only when `cluster.model_prep` cannot be imported."""
+
+
+def model_path(explicit: str | None = None) -> str:
+    """The benchmark model: --model if given, else the bundled SmolLM2 (converted once)."""
+    if explicit:
+        return explicit
+    try:
+        from cluster.model_prep import prepare_model
+    except ImportError:
+        return FALLBACK_MODEL
+    return str(prepare_model())
+
+
+def set_threads(n: int) -> None:
+    import torch
+    torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)  # for child processes
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Wall seconds of one call."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved(candidates: dict[str, Callable[[], float]], reps: int) -> dict[str, list[float]]:
+    """Run each candidate `reps` times, rotating the order every round; name -> list of results.
+
+    Each callable returns its own measurement (seconds, GB/s, ...), so it may exclude its own
+    set-up from the timing.
+    """
+    names = list(candidates)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        order = names[r % len(names):] + names[:r % len(names)]
+        if r % 2:
+            order.reverse()
+        for n in order:
+            out[n].append(candidates[n]())
+    return out
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs: Sequence[float]) -> str:
+    """'min-max' relative to the median, for a quick read of the noise: '±4%'."""
+    m = median(xs)
+    return f"±{100 * max(m - min(xs), max(xs) - m) / m:.0f}%" if m else "n/a"
+
+
+def memory_bandwidth_gbs(gigabytes: float = 1.0) -> Callable[[], float]:
+    """A callable measuring read bandwidth (GB/s) by summing a `gigabytes` float32 tensor.
+
+    Decoding is read-bound (every weight is read once per step, little is written), so the
+    read bandwidth is the relevant limit. The tensor is allocated once and reused.
+    """
+    import torch
+    n = int(gigabytes * 1e9) // 4
+    buf = torch.ones(n, dtype=torch.float32)
+    buf.sum()  # fault the pages in
+
+    def run() -> float:
+        return buf.numel() * 4 / 1e9 / timed(lambda: buf.sum())
+    return run
+
+
+def copy_bandwidth_gbs(gigabytes: float = 1.0) -> Callable[[], float]:
+    """Like `memory_bandwidth_gbs` but `dst.copy_(src)`: counts bytes read + bytes written."""
+    import torch
+    n = int(gigabytes * 1e9) // 4 // 2
+    src, dst = torch.ones(n), torch.zeros(n)
+    dst.copy_(src)
+
+    def run() -> float:
+        return 2 * n * 4 / 1e9 / timed(lambda: dst.copy_(src))
+    return run
+
+
+def matmul_gflops(n: int = 1024) -> Callable[[], float]:
+    """A callable measuring fp32 matmul throughput (GFLOP/s) on an n x n x n product."""
+    import torch
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+
+    def run() -> float:
+        return 2 * n ** 3 / 1e9 / timed(lambda: a @ b)
+    return run
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def cell(v: object) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=1)
+def machine_line() -> str:
+    """One line describing where the numbers come from (computed once: the load is the first call's)."""
+    import platform
+
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}, load average {load:.1f} at start")
+
+
+def write_result(path: str | None, text: str) -> None:
+    """Append `text` to `path` (used by run_all.py to collect every benchmark's tables)."""
+    if path:
+        pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(text.rstrip() + "\n\n")
