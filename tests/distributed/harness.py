@@ -110,7 +110,7 @@ def _run_job(job: Job, tp: int, pp: int, groups) -> RankResult:
 
 def _worker(rank: int, tp: int, pp: int, port: int, jobs: list[Job], out_dir: str) -> None:
     torch.set_num_threads(1)
-    groups = init_replica(rank, tp, pp, "127.0.0.1", port, timeout_s=120)
+    groups = init_replica(rank, tp, pp, "127.0.0.1", port, timeout_s=120, local_rank=rank)
     try:
         results = [_run_job(job, tp, pp, groups) for job in jobs]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
