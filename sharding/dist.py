@@ -127,9 +127,21 @@ def init_replica(rank: int, tp: int, pp: int, master_addr: str, master_port: int
 # Collectives. Each takes its group explicitly and is a no-op for a group of one, so the
 # single-rank path never touches torch.distributed.
 
+# gloo's all-reduce has a high fixed cost on small tensors (2 CPU ranks: ~1.5 ms for 1x576
+# floats, against ~0.35 ms for an all-gather of the same tensor); below this many elements an
+# all-gather plus a local sum in rank order is faster and gives every rank identical bits.
+_GLOO_GATHER_REDUCE_MAX_NUMEL = 64 * 1024
+
+
 def tp_all_reduce(x: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
-    if groups.tp_size > 1:
-        dist.all_reduce(x, group=groups.tp_group)
+    """Sum over the TP group; returns the result (use the return value, not `x`)."""
+    if groups.tp_size == 1:
+        return x
+    if groups.backend == "gloo" and x.numel() <= _GLOO_GATHER_REDUCE_MAX_NUMEL:
+        parts = [torch.empty_like(x) for _ in range(groups.tp_size)]
+        dist.all_gather(parts, x.contiguous(), group=groups.tp_group)
+        return torch.stack(parts).sum(0)
+    dist.all_reduce(x, group=groups.tp_group)
     return x
 
 

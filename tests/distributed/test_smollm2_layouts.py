@@ -27,6 +27,9 @@ def smol(smollm2_dir):
 def test_smollm2_layout_greedy_equals_transformers(tp, pp, smol):
     model, prompts, refs = smol
     driver = run_layout([Job(model, prompts, NEW_TOKENS)], tp, pp)[driver_rank(tp, pp)][0]
+    worst = 0.0
     for i, (ref_tokens, ref_logprobs) in enumerate(refs):
         assert driver.tokens[i] == ref_tokens, f"tp={tp} pp={pp} prompt {TEXTS[i]!r}"
-        assert max(abs(a - b) for a, b in zip(driver.logprobs[i], ref_logprobs)) <= 1e-4
+        worst = max(worst, max(abs(a - b) for a, b in zip(driver.logprobs[i], ref_logprobs)))
+        assert worst <= 1e-4
+    print(f"smollm2 tp={tp} pp={pp}: {NEW_TOKENS} tokens x {len(prompts)} prompts equal; max logprob diff {worst:.2e}")
