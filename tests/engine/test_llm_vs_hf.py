@@ -73,6 +73,7 @@ def test_32_mixed_length_prompts_greedy_equals_hf(request, make_llm, model):
     assert [o.prompt_token_ids for o in outs] == prompts
     assert_same_as_hf(model_dir, outs, max_tokens)
     assert llm.engine.max_batch_seqs >= 8
+    print(f"{model}: largest batch {llm.engine.max_batch_seqs} sequences, {llm.engine.num_preemptions} preemptions")
 
 
 def test_requests_arrive_while_others_decode(tiny_llama_dir, make_llm):
@@ -96,6 +97,7 @@ def test_preemption_with_a_small_block_pool_keeps_outputs(tiny_llama_dir, make_l
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(24), use_tqdm=False)
     assert llm.engine.num_preemptions > 0
     assert_same_as_hf(tiny_llama_dir, outs, [24] * 8)
+    print(f"preemption test: {llm.engine.num_preemptions} preemptions, largest batch {llm.engine.max_batch_seqs}")
 
 
 def test_shared_system_prompt_hits_prefix_cache(tiny_llama_dir, make_llm):
@@ -214,6 +216,7 @@ def test_smollm2_32_prompts_greedy_equals_hf(smollm2_dir, smol):
     outs = smol.generate(prompts, [greedy(m) for m in max_tokens], use_tqdm=False)
     assert_same_as_hf(smollm2_dir, outs, max_tokens)
     assert smol.engine.max_batch_seqs >= 16
+    print(f"smollm2 32 prompts: largest batch {smol.engine.max_batch_seqs} sequences")
 
 
 @pytest.mark.slow
