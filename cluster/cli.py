@@ -1,6 +1,8 @@
 """The `shardline` command.
 
     shardline prepare-model [--cache-dir DIR] [--force]
+    shardline generate [--model DIR] [--tp T] [--pp P] [--dp D] [--max-tokens N] [--temperature X]
+                       [--seed S] [--json] PROMPT [PROMPT ...]
 
 Each subcommand is one `_add_<name>(subparsers)` function that declares its arguments and sets
 `func` to a `_run_<name>(args) -> int` handler; `main` only dispatches. Handlers import their
@@ -46,9 +48,53 @@ def _run_prepare_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_generate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate completions for prompts (local Ray, or RAY_ADDRESS / --address)",
+        description="Run prompts through LLM.generate with the given layout and print the completions. "
+        "Without --model the bundled SmolLM2 is used (prepared on demand).",
+    )
+    parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (one completion each)")
+    parser.add_argument("--model", default=None, metavar="DIR", help="Hugging Face model folder")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    parser.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
+    parser.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or a local one)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    parser.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from cluster.llm import LLM
+    from cluster.model_prep import prepare_model
+    from scheduler.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    model = args.model or str(prepare_model())
+    with LLM(model, tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, data_parallel_size=args.dp,
+             dtype=args.dtype, address=args.address) as llm:
+        outputs = llm.generate(args.prompts, params, use_tqdm=not args.json)
+    for out in outputs:
+        c = out.outputs[0]
+        if args.json:
+            print(json.dumps({"prompt": out.prompt, "text": c.text, "token_ids": c.token_ids,
+                              "finish_reason": c.finish_reason, "cumulative_logprob": c.cumulative_logprob}))
+        else:
+            print(f">>> {out.prompt}\n{c.text}  [{c.finish_reason}]")
+    return EXIT_OK
+
+
 # Order here is the order in `shardline --help`.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_prepare_model,
+    _add_generate,
 ]
 
 
