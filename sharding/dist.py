@@ -93,6 +93,17 @@ class ParallelGroups:
         self.initialized = False
 
 
+def tp_group_ranks(tp: int, pp: int) -> list[list[int]]:
+    """Ranks of each stage's TP group, from the replica's grid `arange(pp * tp).reshape(pp, tp)`.
+
+    >>> tp_group_ranks(tp=2, pp=2)
+    [[0, 1], [2, 3]]
+    >>> tp_group_ranks(tp=3, pp=1)
+    [[0, 1, 2]]
+    """
+    return torch.arange(pp * tp).reshape(pp, tp).tolist()
+
+
 def init_single_rank(device: torch.device | None = None) -> ParallelGroups:
     """One rank, no torch.distributed at all (the in-process executor and unit tests)."""
     dev, backend = select_device() if device is None else (device, "none")
@@ -113,11 +124,10 @@ def init_replica(rank: int, tp: int, pp: int, master_addr: str, master_port: int
         return ParallelGroups(rank=0, tp_size=1, pp_size=1, device=device, backend=backend)
     dist.init_process_group(backend=backend, init_method=f"tcp://{master_addr}:{master_port}",
                             rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
-    grid = torch.arange(world).reshape(pp, tp)
     tp_group = None
-    for stage in range(pp):
+    for stage, ranks in enumerate(tp_group_ranks(tp, pp)):
         # every rank must create every group, in the same order
-        group = dist.new_group(grid[stage].tolist(), timeout=timedelta(seconds=timeout_s)) if tp > 1 else None
+        group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s)) if tp > 1 else None
         if stage == rank // tp:
             tp_group = group
     return ParallelGroups(rank=rank, tp_size=tp, pp_size=pp, device=device, backend=backend,
