@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -165,6 +166,7 @@ class RayExecutor:
             return
         address = address or os.environ.get("RAY_ADDRESS") or None
         if address is not None:
+            _check_reachable(address, float(self.config.extra.get("connect_timeout_s", 10.0)))
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         else:
             _keep_local_ray_on_loopback()
@@ -413,6 +415,28 @@ class RayExecutor:
     def node_ids(self) -> dict[tuple[int, int, int], str]:
         """(replica, pp_rank, tp_rank) -> Ray node id, as reported by each worker."""
         return {(w.rank.replica, w.rank.pp_rank, w.rank.tp_rank): w.node_id for w in self.workers if w}
+
+
+class ClusterUnreachableError(ConnectionError):
+    """The Ray cluster named by address= / RAY_ADDRESS does not answer."""
+
+
+def _check_reachable(address: str, timeout_s: float) -> None:
+    """Fail fast if `host:port` does not accept connections.
+
+    `ray.init(address=...)` on an address nobody listens at retries for minutes; a TCP probe
+    answers in at most `timeout_s`. "auto", "local" and other non host:port forms are left to Ray.
+    """
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ClusterUnreachableError(
+            f"cannot reach the Ray cluster at {address!r} ({e}); start it with `ray start --head`, or fix "
+            "address= / RAY_ADDRESS, or unset RAY_ADDRESS to start a local cluster") from e
 
 
 def _keep_local_ray_on_loopback() -> None:
