@@ -167,6 +167,8 @@ class RayExecutor:
         address = address or os.environ.get("RAY_ADDRESS") or None
         if address is not None:
             _check_reachable(address, float(self.config.extra.get("connect_timeout_s", 10.0)))
+            if _is_loopback(address):   # else Ray swaps 127.0.0.1 for this host's routable IP and never connects
+                _keep_local_ray_on_loopback()
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         else:
             _keep_local_ray_on_loopback()
@@ -437,6 +439,12 @@ def _check_reachable(address: str, timeout_s: float) -> None:
         raise ClusterUnreachableError(
             f"cannot reach the Ray cluster at {address!r} ({e}); start it with `ray start --head`, or fix "
             "address= / RAY_ADDRESS, or unset RAY_ADDRESS to start a local cluster") from e
+
+
+def _is_loopback(address: str) -> bool:
+    """'127.0.0.1:6379', 'localhost:6379', 'ray://127.0.0.1:10001' -> True."""
+    host = address.removeprefix("ray://").rpartition(":")[0]
+    return host == "localhost" or host.startswith("127.")
 
 
 def _keep_local_ray_on_loopback() -> None:

@@ -39,8 +39,8 @@ def _env(tmp: str) -> dict:
 def ray_head():
     tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")   # short: Ray's unix socket paths have a length limit
     env = _env(tmp)
-    dashboard = free_port("127.0.0.1")
-    cmd = [str(BIN / "ray"), "start", "--head", f"--port={free_port('127.0.0.1')}", "--num-cpus=2",
+    dashboard, gcs_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+    cmd = [str(BIN / "ray"), "start", "--head", f"--port={gcs_port}", "--num-cpus=2",
            f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
            "--include-dashboard=true", "--block"]
     head = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -58,7 +58,7 @@ def ray_head():
                     out = head.stdout.read().decode(errors="replace") if head.poll() is not None else ""
                     pytest.fail(f"ray head did not come up at {url}: {out[-2000:]}")
                 time.sleep(1)
-        yield url, env
+        yield url, env, f"127.0.0.1:{gcs_port}"
     finally:
         _stop_group(head)
 
@@ -82,7 +82,7 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 
 def test_ray_job_submit_runs_the_example_on_the_cluster(ray_head, tiny_llama_dir):
-    url, env = ray_head
+    url, env, _ = ray_head
     cmd = [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", ".",
            "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "benchmarks/results"]}), "--",
            "python", "examples/offline_generate.py", "--model", str(tiny_llama_dir), "--pp", "2",
@@ -94,3 +94,22 @@ def test_ray_job_submit_runs_the_example_on_the_cluster(ray_head, tiny_llama_dir
     assert "engine up" in log and "tp=1 pp=2 dp=1" in log
     assert log.count(">>> ") >= 5, log[-4000:]   # four prompts and the chat
     assert "[length]" in log
+
+
+def test_llm_joins_a_running_cluster_by_address(ray_head, tiny_llama_dir):
+    """A driver outside the cluster passes address= and its workers run on the cluster's node."""
+    _, env, gcs = ray_head
+    script = (
+        "import json, sys\n"
+        "from cluster import LLM, SamplingParams\n"
+        f"with LLM({str(tiny_llama_dir)!r}, pipeline_parallel_size=2, address={gcs!r}) as llm:\n"
+        "    out = llm.generate([{'prompt_token_ids': [5, 6, 7]}], SamplingParams(temperature=0, max_tokens=4),\n"
+        "                       use_tqdm=False)\n"
+        "    print(json.dumps(out[0].outputs[0].token_ids))\n")
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    from tests.fixtures.reference import hf_greedy
+
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == hf_greedy(str(tiny_llama_dir), [5, 6, 7], 4,
+                                                                         stop_at_eos=True)[0]
