@@ -229,6 +229,9 @@ def _normalize_prompts(prompts) -> list[tuple[str | None, list[int] | None]]:
     """-> [(text or None, token ids or None)] for str / dict / list-of-either inputs."""
     if isinstance(prompts, (str, dict)):
         prompts = [prompts]
+    if not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a str, a {{'prompt_token_ids': [...]}} dict, or a list of those; "
+                        f"got {type(prompts).__name__}")
     items = []
     for p in prompts:
         if isinstance(p, str):
