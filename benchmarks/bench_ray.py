@@ -52,8 +52,8 @@ def start_ray(num_cpus: int) -> float:
     os.environ.pop("RAY_ADDRESS", None)
     os.environ.setdefault("RAY_worker_niceness", "0")
     try:   # bind loopback, as the executor does when it starts Ray itself
-        from cluster.ray_executor import _keep_local_ray_on_loopback
-        _keep_local_ray_on_loopback()
+        from cluster.ray_connect import keep_ray_on_loopback
+        keep_ray_on_loopback()
     except ImportError:
         pass
     import logging

@@ -94,12 +94,10 @@ def load_stage(hf_config, plan: ShardPlan, groups: ParallelGroups, model_dir: st
     stage.materialize(groups.device)
     # a stage that both embeds and projects shares the tied weight instead of loading it twice
     shared = None
-    if getattr(stage, "tied", plan.dims.model_type == "gpt2") and hasattr(stage, "lm_head"):
-        embed = getattr(getattr(stage, "model", None), "embed_tokens", None) or \
-            getattr(getattr(stage, "transformer", None), "wte", None)
-        if embed is not None:
-            stage.lm_head.weight = embed.weight
-            shared = "lm_head.weight"
+    embed = stage.tied_embedding()
+    if embed is not None and hasattr(stage, "lm_head"):
+        stage.lm_head.weight = embed.weight
+        shared = "lm_head.weight"
 
     index = checkpoint_index(model_dir)
     loaded = tensors = 0

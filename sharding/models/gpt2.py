@@ -109,6 +109,10 @@ class GPT2Stage(nn.Module):
     def materialize(self, device: torch.device) -> None:
         pass
 
+    def tied_embedding(self) -> VocabParallelEmbedding | None:
+        """GPT-2 always ties its head to wte; shared when wte is on this stage."""
+        return getattr(self.transformer, "wte", None)
+
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.transformer.wte(ids) + self.transformer.wpe[positions]
 

@@ -113,6 +113,10 @@ class LlamaStage(nn.Module):
     def materialize(self, device: torch.device) -> None:
         self.rotary.materialize(device)
 
+    def tied_embedding(self) -> VocabParallelEmbedding | None:
+        """The embedding the LM head shares its weight with, if tied and on this stage."""
+        return getattr(self.model, "embed_tokens", None) if self.tied else None
+
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import pytest
 import ray
 
-from cluster.ray_executor import _keep_local_ray_on_loopback
+from cluster.ray_connect import keep_ray_on_loopback
 
 TEST_CPUS = 2   # logical CPUs of the test cluster, whatever the machine has: same shares everywhere
 
@@ -32,7 +32,7 @@ def _no_ray_address():
 
 def start_local_ray(include_dashboard: bool = False) -> str:
     """A single-node Ray on 127.0.0.1 with TEST_CPUS CPUs; returns its GCS address."""
-    _keep_local_ray_on_loopback()
+    keep_ray_on_loopback()
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=TEST_CPUS, include_dashboard=include_dashboard, log_to_driver=False,

@@ -8,7 +8,7 @@ import pytest
 import ray
 
 from cluster import LLM
-from cluster.ray_executor import ClusterUnreachableError
+from cluster.ray_connect import ClusterUnreachableError
 from sharding.dist import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(120)]

@@ -13,7 +13,8 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 
 from cluster.llm import LLM
 from cluster.placement import ResourceError
-from cluster.ray_executor import PlacementTimeoutError, _keep_local_ray_on_loopback
+from cluster.ray_connect import keep_ray_on_loopback
+from cluster.ray_executor import PlacementTimeoutError
 from tests.ray.common import mixed_prompts, run_and_compare
 from tests.ray.conftest import _no_ray_address
 
@@ -26,7 +27,7 @@ NODE_ARGS = {"num_cpus": 1, "object_store_memory": 100 * 2**20}
 def two_node_cluster(ray_tmpdir):
     from ray.cluster_utils import Cluster
 
-    _keep_local_ray_on_loopback()
+    keep_ray_on_loopback()
     if ray.is_initialized():
         ray.shutdown()
     with _no_ray_address():
