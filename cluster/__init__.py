@@ -2,10 +2,10 @@
 
 from cluster.llm import LLM
 from scheduler.beam_search import BeamSearchOutput, BeamSearchParams
-from scheduler.engine import PromptTooLongError
+from scheduler.errors import InvalidRequestError, PromptTooLongError, UnknownArgumentError
 from scheduler.executor import EngineDeadError
 from scheduler.request import CompletionOutput, RequestOutput
 from scheduler.sampling_params import SamplingParams
 
 __all__ = ["LLM", "BeamSearchOutput", "BeamSearchParams", "CompletionOutput", "EngineDeadError",
-           "PromptTooLongError", "RequestOutput", "SamplingParams"]
+           "InvalidRequestError", "PromptTooLongError", "RequestOutput", "SamplingParams", "UnknownArgumentError"]

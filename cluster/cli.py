@@ -2,7 +2,7 @@
 
     shardline prepare-model [--cache-dir DIR] [--force]
     shardline generate [--model DIR] [--tp T] [--pp P] [--dp D] [--max-tokens N] [--temperature X]
-                       [--seed S] [--json] PROMPT [PROMPT ...]
+                       [--seed S] [--json] [PROMPT | - ...]     (- or a pipe: prompts from stdin)
 
 Each subcommand is one `_add_<name>(subparsers)` function that declares its arguments and sets
 `func` to a `_run_<name>(args) -> int` handler; `main` only dispatches. Handlers import their
@@ -55,7 +55,9 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         description="Run prompts through LLM.generate with the given layout and print the completions. "
         "Without --model the bundled SmolLM2 is used (prepared on demand).",
     )
-    parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (one completion each)")
+    parser.add_argument("prompts", nargs="*", metavar="PROMPT",
+                        help="prompt text (one completion each); '-' reads prompts from stdin, one per line "
+                        "(a piped stdin is read when no PROMPT is given)")
     parser.add_argument("--model", default=None, metavar="DIR", help="Hugging Face model folder")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
@@ -69,26 +71,75 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run_generate)
 
 
-def _run_generate(args: argparse.Namespace) -> int:
-    import json
+# LLM / SamplingParams parameter -> the `generate` flag that sets it (errors name the flag)
+_GENERATE_FLAGS = {"tensor_parallel_size": "--tp", "pipeline_parallel_size": "--pp", "data_parallel_size": "--dp",
+                   "model": "--model", "address": "--address", "dtype": "--dtype", "max_tokens": "--max-tokens",
+                   "temperature": "--temperature", "seed": "--seed", "prompt": "PROMPT",
+                   "prompt_token_ids": "PROMPT"}
 
+
+class _FlagError(ValueError):
+    """An input error re-worded to name the command-line flag that carried it."""
+
+
+def _flag_error(exc: Exception) -> Exception:
+    flag = _GENERATE_FLAGS.get(getattr(exc, "param", None))
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return _FlagError(f"{flag}: {first}") if flag else exc
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    """PROMPT arguments, with '-' (or no argument and a piped stdin) replaced by stdin's non-empty lines."""
+    prompts = list(args.prompts)
+    if not prompts and not sys.stdin.isatty():
+        prompts = ["-"]
+    if not prompts:
+        raise _FlagError("PROMPT: give at least one prompt, or '-' to read prompts from stdin (one per line)")
+    out = []
+    for p in prompts:
+        if p == "-":
+            out += [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+        else:
+            out.append(p)
+    if not out:
+        raise _FlagError("PROMPT: stdin held no prompt (one non-empty line per prompt)")
+    return out
+
+
+def _run_generate(args: argparse.Namespace) -> int:
     from cluster.llm import LLM
     from cluster.model_prep import prepare_model
+    from scheduler.errors import InvalidRequestError, PromptTooLongError
     from scheduler.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
-    model = args.model or str(prepare_model())
-    with LLM(model, tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, data_parallel_size=args.dp,
-             dtype=args.dtype, address=args.address) as llm:
-        outputs = llm.generate(args.prompts, params, use_tqdm=not args.json)
+    try:
+        params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+        prompts = _read_prompts(args)
+        model = args.model or str(prepare_model())
+        with LLM(model, tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, data_parallel_size=args.dp,
+                 dtype=args.dtype, address=args.address) as llm:
+            try:
+                outputs = llm.generate(prompts, params, use_tqdm=not args.json)
+            except PromptTooLongError as e:   # the prompts that fit completed: print them, then the error
+                _print_outputs([o for o in getattr(e, "outputs", []) if o is not None], args.json)
+                raise
+    except InvalidRequestError as e:
+        raise _flag_error(e) from None
+    _print_outputs(outputs, args.json)
+    return EXIT_OK
+
+
+def _print_outputs(outputs, as_json: bool) -> None:
+    import json
+
     for out in outputs:
         c = out.outputs[0]
-        if args.json:
+        if as_json:
             print(json.dumps({"prompt": out.prompt, "text": c.text, "token_ids": c.token_ids,
                               "finish_reason": c.finish_reason, "cumulative_logprob": c.cumulative_logprob}))
         else:
             print(f">>> {out.prompt}\n{c.text}  [{c.finish_reason}]")
-    return EXIT_OK
+    sys.stdout.flush()
 
 
 # Order here is the order in `shardline --help`.

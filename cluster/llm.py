@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import pathlib
 import time
 from collections.abc import Sequence
@@ -19,9 +20,22 @@ from collections.abc import Sequence
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from scheduler import validation
 from scheduler.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
+from scheduler.checks import check_bool, check_int, check_str
 from scheduler.config import EngineConfig
-from scheduler.engine import LLMEngine, PromptTooLongError
+from scheduler.engine import LLMEngine
+from scheduler.errors import (
+    ConfigError,
+    ConfigTypeError,
+    InvalidRequestError,
+    PromptError,
+    PromptTooLongError,
+    SamplingParamsError,
+    SamplingParamsTypeError,
+    reject_unknown,
+    show,
+)
 from scheduler.request import RequestOutput
 from scheduler.sampling_params import SamplingParams
 
@@ -29,6 +43,9 @@ DEFAULT_MAX_MODEL_LEN = 4096
 """`max_model_len=None` means min(the model's max_position_embeddings, this)."""
 
 PromptType = str | list[int] | dict
+
+# LLM(...) keywords beyond the explicit ones: the EngineConfig fields (model is positional)
+CONFIG_KEYWORDS = tuple(f.name for f in dataclasses.fields(EngineConfig) if f.name != "model")
 
 
 class LLM:
@@ -39,8 +56,23 @@ class LLM:
                  max_num_seqs: int = 128, max_num_batched_tokens: int = 2048, kv_cache_memory: int | None = None,
                  num_kv_blocks: int | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
                  seed: int = 0, address: str | None = None, **kwargs) -> None:
-        # 1. the model folder
+        """Every other keyword is an `EngineConfig` field (e.g. `max_logprobs`, `cpus_per_worker`,
+        `step_timeout_s`); anything else is an `UnknownArgumentError` naming the closest valid name."""
+        # 1. the arguments: unknown keywords and wrong types fail before anything is read or started
+        reject_unknown(kwargs, CONFIG_KEYWORDS + ("address",), "LLM()")
+        if not isinstance(model, (str, os.PathLike)):
+            raise ConfigTypeError(f"model={show(model)} must be a path (str) to a Hugging Face model folder, "
+                                  f"not {type(model).__name__}", "model", model)
+        if address is not None and not isinstance(address, str):
+            raise ConfigTypeError(f"address={show(address)} must be a str such as '127.0.0.1:6379' or None",
+                                  "address", address)
         path = pathlib.Path(model).expanduser().resolve()
+        config = EngineConfig(
+            model=str(path), tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+            data_parallel_size=data_parallel_size, dtype=dtype, max_model_len=max_model_len, block_size=block_size,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
+            num_kv_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching, seed=seed, **kwargs)
+        # 2. the model folder
         hf_config = _read_json(path, "config.json", required=True)
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"model folder {path} has no tokenizer.json; Shardline needs a fast tokenizer file")
@@ -48,17 +80,9 @@ class LLM:
         if max_model_len is None:
             max_model_len = min(int(limit), DEFAULT_MAX_MODEL_LEN)
         elif max_model_len > limit:
-            raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={limit}")
-        # 2. the config (unknown keyword arguments go to EngineConfig fields, else to `extra`)
-        fields = {f.name for f in dataclasses.fields(EngineConfig)}
-        extra = {k: v for k, v in kwargs.items() if k not in fields}
-        known = {k: v for k, v in kwargs.items() if k in fields}
-        self.config = EngineConfig(
-            model=str(path), tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
-            data_parallel_size=data_parallel_size, dtype=dtype, max_model_len=max_model_len, block_size=block_size,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
-            num_kv_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching, seed=seed,
-            extra=extra, **known)
+            raise ConfigError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={limit}",
+                              "max_model_len", max_model_len)
+        self.config = dataclasses.replace(config, max_model_len=max_model_len)
         # 3. tokenizer and EOS ids (as HF generate: generation_config.json, else config.json)
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.eos_token_ids = _eos_token_ids(path, hf_config)
@@ -84,92 +108,118 @@ class LLM:
     # -- generation ----------------------------------------------------------------------
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 sampling_params: SamplingParams | dict | Sequence[SamplingParams | dict] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Run every prompt to completion; outputs in input order.
 
-        prompts: a str, a list of str, a vLLM-style {"prompt_token_ids": [...]} dict (optionally
-        with "prompt" text), or a list of those. sampling_params: one for all, or one per prompt.
+        prompts: a str, a vLLM-style {"prompt_token_ids": [...]} dict (optionally with "prompt"
+        text), a list of token ids inside a list, or a list of those. sampling_params: a
+        SamplingParams or a dict of its fields, one for all or one per prompt.
 
-        A prompt that cannot run (longer than max_model_len, no room for an output token, or
-        larger than the KV cache) does not stop the others: they all complete, then
-        `PromptTooLongError` is raised naming every rejected prompt's index and lengths. The
-        error carries `.outputs` (the RequestOutputs in input order, None for rejected
-        prompts) and `.rejected` ({index: message}), so no finished work is lost.
+        Everything is validated before anything runs (scheduler.validation): a bad prompt or
+        parameter raises an InvalidRequestError naming it (and `prompts[i]` for a batch) and
+        leaves the engine as it was. Only a prompt that is too long (longer than max_model_len,
+        no room for an output token, or larger than the KV cache) does not stop the others: they
+        all complete, then `PromptTooLongError` is raised naming every rejected prompt's index and
+        lengths. The error carries `.outputs` (the RequestOutputs in input order, None for
+        rejected prompts) and `.rejected` ({index: message}), so no finished work is lost.
         """
-        items = _normalize_prompts(prompts)
-        params = self._params_per_prompt(sampling_params, len(items))
-        batch = f"g{next(self._ids)}"
-        rids, rejected = [], {}
-        for i, ((text, ids), p) in enumerate(zip(items, params, strict=True)):
-            rid = f"{batch}-{i}"
+        items = validation.as_prompt_list(prompts)
+        limits = self.engine.limits
+        params = validation.params_per_prompt(sampling_params, len(items), limits)
+        prepared = []
+        for i, p in enumerate(items):
             try:
-                self._add(rid, text, ids, p)
-                rids.append(rid)
+                prepared.append(validation.split_prompt(p))
+            except InvalidRequestError as e:
+                raise e.at(f"prompts[{i}]") if len(items) > 1 else e from None
+        return self._generate(prepared, params, use_tqdm)
+
+    def _generate(self, prepared: list[tuple[str | None, list | None]], params: list[SamplingParams],
+                  use_tqdm: bool) -> list[RequestOutput]:
+        """Validate every (text, ids) prompt, admit the valid ones at once, run them (see `generate`)."""
+        batch = f"g{next(self._ids)}"
+        requests, rejected = [], {}
+        for i, ((text, ids), p) in enumerate(zip(prepared, params, strict=True)):
+            try:
+                prompt = text if ids is None else ids
+                requests.append(self.engine.make_request(f"{batch}-{i}", prompt, p, prompt_text=text))
             except PromptTooLongError as e:
                 rejected[i] = str(e)
-            except BaseException:
-                self._abort(rids)
-                raise
-        done = self._run(rids, use_tqdm)
-        outputs = [done.get(f"{batch}-{i}") for i in range(len(items))]
+            except InvalidRequestError as e:
+                raise e.at(f"prompts[{i}]") if len(prepared) > 1 else e from None
+        self.engine.add_requests(requests)          # all or nothing
+        done = self._run([r.request_id for r in requests], use_tqdm)
+        outputs = [done.get(f"{batch}-{i}") for i in range(len(prepared))]
         if rejected:
             lines = "; ".join(f"prompt {i}: {msg}" for i, msg in rejected.items())
-            err = PromptTooLongError(f"{len(rejected)} of {len(items)} prompts rejected ({lines}); the other "
-                                     f"{len(items) - len(rejected)} completed and are in this error's .outputs")
+            first = next(iter(rejected))
+            err = PromptTooLongError(f"{len(rejected)} of {len(prepared)} prompts rejected ({lines}); the other "
+                                     f"{len(prepared) - len(rejected)} completed and are in this error's .outputs",
+                                     param="prompt", value=first)
             err.outputs, err.rejected = outputs, rejected
             raise err
         return outputs
 
     def chat(self, messages: list[dict] | list[list[dict]],
-             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             sampling_params: SamplingParams | dict | Sequence[SamplingParams | dict] | None = None,
              add_generation_prompt: bool = True, chat_template: str | None = None,
              use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of {"role", "content"}) or a list of them.
 
         The model's chat template renders the text, which is tokenized without adding special
-        tokens again (the template writes them), as vLLM does.
+        tokens again (the template writes them), as vLLM does. Messages are checked first (a
+        missing role is an error naming the message, not a template error).
         """
-        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        convs = validation.check_conversations(messages)
+        check_bool("add_generation_prompt", add_generation_prompt)
+        if chat_template is not None:
+            check_str("chat_template", chat_template)
+        params = validation.params_per_prompt(sampling_params, len(convs), self.engine.limits)
         tok = self.get_tokenizer()
         prompts = []
         for conv in convs:
-            text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                           chat_template=chat_template)
+            try:
+                text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                               chat_template=chat_template)
+            except Exception as e:   # jinja errors: name what the template could not render
+                raise PromptError(f"the chat template could not render messages={show(conv)}: "
+                                  f"{type(e).__name__}: {e}", "messages", conv) from e
             ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-            prompts.append({"prompt": text, "prompt_token_ids": ids})
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+            prompts.append((text, ids))
+        return self._generate(prompts, params, use_tqdm)
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
                     use_tqdm: bool = False) -> list[BeamSearchOutput]:
         """Beam search with HF `generate(num_beams=k, do_sample=False)` semantics (see scheduler.beam_search)."""
-        items = _normalize_prompts(prompts)
-        ids = [self._tokenize(text, tids) for text, tids in items]
-        for p in ids:
-            self.engine.check_prompt(p)
+        if not isinstance(params, BeamSearchParams):
+            raise SamplingParamsTypeError(f"params={show(params)} must be a BeamSearchParams, "
+                                          f"not {type(params).__name__}", "params", params)
+        limits = self.engine.limits
+        check_int("beam_width", params.beam_width, lo=1, hi=limits.max_n,
+                  hint=f"in [1, {limits.max_n}] (max_n of this engine)", err=SamplingParamsError)
+        k = params.logprobs_per_step(len(self.eos_token_ids))
+        if k > min(limits.max_logprobs, limits.vocab_size):
+            raise SamplingParamsError(f"beam_width={params.beam_width} needs {k} top logprobs per step but this "
+                                      f"engine allows max_logprobs={limits.max_logprobs}; lower beam_width or "
+                                      "raise LLM(max_logprobs=...)", "beam_width", params.beam_width)
+        ids = []
+        for i, p in enumerate(validation.as_prompt_list(prompts)):
+            try:
+                ids.append(validation.prompt_token_ids(p, self.tokenizer, limits)[1])
+            except InvalidRequestError as e:
+                raise e.at(f"prompts[{i}]") from None
 
         def run(batch):
-            rids = []
-            for tids, sp in batch:
-                rid = f"b{next(self._ids)}"
-                self._add(rid, None, tids, sp)
-                rids.append(rid)
-            done = self._run(rids, use_tqdm=False)
-            return [done[r] for r in rids]
+            reqs = [self.engine.make_request(f"b{next(self._ids)}", tids, sp) for tids, sp in batch]
+            self.engine.add_requests(reqs)
+            done = self._run([r.request_id for r in reqs], use_tqdm=False)
+            return [done[r.request_id] for r in reqs]
 
         return beam_search(run, ids, params, self.eos_token_ids, max_model_len=self.engine.max_seq_len,
                            decode=lambda t: self.tokenizer.decode(t, skip_special_tokens=True))
 
     # -- plumbing ------------------------------------------------------------------------
-
-    def _tokenize(self, text: str | None, ids: list[int] | None) -> list[int]:
-        return list(ids) if ids is not None else self.tokenizer.encode(text).ids
-
-    def _add(self, rid: str, text: str | None, ids: list[int] | None, params: SamplingParams) -> None:
-        if ids is None:
-            self.engine.add_request(rid, text, params)
-        else:
-            self.engine.add_request(rid, list(ids), params, prompt_text=text)
 
     def _run(self, rids: list[str], use_tqdm: bool) -> dict[str, RequestOutput]:
         wanted, done = set(rids), {}
@@ -194,16 +244,6 @@ class LLM:
         for r in rids:
             self.engine.abort_request(r)
 
-    def _params_per_prompt(self, sampling_params, n: int) -> list[SamplingParams]:
-        if sampling_params is None:
-            return [SamplingParams()] * n
-        if isinstance(sampling_params, SamplingParams):
-            return [sampling_params] * n
-        params = list(sampling_params)
-        if len(params) != n:
-            raise ValueError(f"got {len(params)} sampling_params for {n} prompts; give one, or one per prompt")
-        return params
-
     def get_tokenizer(self):
         """The model's Hugging Face tokenizer (chat templates, decoding helpers)."""
         if self._hf_tokenizer is None:
@@ -225,33 +265,16 @@ class LLM:
         self.shutdown()
 
 
-def _normalize_prompts(prompts) -> list[tuple[str | None, list[int] | None]]:
-    """-> [(text or None, token ids or None)] for str / dict / list-of-either inputs."""
-    if isinstance(prompts, (str, dict)):
-        prompts = [prompts]
-    if not isinstance(prompts, Sequence):
-        raise TypeError(f"prompts must be a str, a {{'prompt_token_ids': [...]}} dict, or a list of those; "
-                        f"got {type(prompts).__name__}")
-    items = []
-    for p in prompts:
-        if isinstance(p, str):
-            items.append((p, None))
-        elif isinstance(p, dict) and "prompt_token_ids" in p:
-            items.append((p.get("prompt"), [int(t) for t in p["prompt_token_ids"]]))
-        elif isinstance(p, dict) and "prompt" in p:
-            items.append((p["prompt"], None))
-        else:
-            raise TypeError(f"a prompt must be a str or a dict with 'prompt_token_ids' or 'prompt', got {p!r:.80}")
-    return items
-
-
 def _read_json(path: pathlib.Path, name: str, required: bool = False) -> dict:
     f = path / name
     if not f.is_file():
         if required:
             raise FileNotFoundError(f"{path} is not a Hugging Face model folder: {f} does not exist")
         return {}
-    return json.loads(f.read_text())
+    try:
+        return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{f} is not valid JSON ({e}); fix or re-create the model folder", "model", str(f)) from None
 
 
 def _eos_token_ids(path: pathlib.Path, hf_config: dict) -> list[int]:

@@ -22,9 +22,11 @@ other ranks' results are awaited too so that an error anywhere surfaces. Waiting
 naming the rank, node and cause, and the replica's other workers (possibly blocked in a gloo
 recv from the dead one) are killed so nothing hangs.
 
-Options read from `config.extra` (all optional):
+Options (`EngineConfig` fields, so `LLM(...)` keywords; all optional):
     cpus_per_worker     CPUs each worker reserves (default: min(1, free CPUs / workers))
     use_gpu             ask every worker for one GPU (default: when the cluster has GPUs)
+    connect_timeout_s   deadline to reach the cluster at `address` (default 10)
+    resource_wait_s     how long a resource shortfall is re-checked before it is an error (default 5)
     placement_timeout_s deadline to reserve the placement groups (default 60)
     startup_timeout_s   deadline for rendezvous + loading + warm-up (default collective_timeout_s + 300)
     step_timeout_s      deadline for one `execute` call (default collective_timeout_s)
@@ -157,7 +159,7 @@ class RayExecutor:
 
     def _connect(self, address: str | None) -> None:
         """Step 2. Reuse an initialized Ray; else join `address`/RAY_ADDRESS; else start a local one."""
-        self.started_ray = connect(address, float(self.config.extra.get("connect_timeout_s", 10.0)))
+        self.started_ray = connect(address, float(self.config.connect_timeout_s))
 
     def _check_resources(self) -> Layout:
         """Step 3. Decide each worker's share and check the cluster has room for all of them.
@@ -165,7 +167,7 @@ class RayExecutor:
         Resources another engine just released show up in `ray.available_resources()` a moment
         later, so a shortfall is re-checked for a few seconds before it becomes an error.
         """
-        deadline = time.monotonic() + float(self.config.extra.get("resource_wait_s", 5.0))
+        deadline = time.monotonic() + float(self.config.resource_wait_s)
         # would it fit an empty cluster? if not, waiting won't help
         check_resources(self._layout_for(ray.cluster_resources()), ray.cluster_resources(), self._node_totals())
         while True:
@@ -180,9 +182,9 @@ class RayExecutor:
                 time.sleep(0.25)
 
     def _layout_for(self, available: dict) -> Layout:
-        cfg, extra = self.config, self.config.extra
-        use_gpu = bool(extra["use_gpu"]) if "use_gpu" in extra else ray.cluster_resources().get("GPU", 0) >= 1
-        share = extra.get("cpus_per_worker")
+        cfg = self.config
+        use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+        share = cfg.cpus_per_worker
         if share is None:
             largest = max((float(n.get("CPU", 0.0)) for n in self._node_totals()), default=None)
             share = default_cpu_share(len(self.ranks), cfg.tensor_parallel_size, float(available.get("CPU", 0.0)),
@@ -203,7 +205,7 @@ class RayExecutor:
             self.groups[(spec.replica, spec.pp_rank)] = placement_group(
                 list(spec.bundles), strategy=spec.strategy,
                 name=f"{self.name_prefix}-r{spec.replica}-pp{spec.pp_rank}")
-        timeout = float(self.config.extra.get("placement_timeout_s", 60.0))
+        timeout = float(self.config.placement_timeout_s)
         ready = {self.groups[(s.replica, s.pp_rank)].ready(): s for s in specs}
         done, pending = ray.wait(list(ready), num_returns=len(ready), timeout=timeout)
         if pending:
@@ -270,7 +272,7 @@ class RayExecutor:
         bad = [s.replica for s in steps if not 0 <= s.replica < self.num_replicas]
         if bad:
             raise ValueError(f"StepInput.replica={bad[0]} is out of range(num_replicas={self.num_replicas})")
-        timeout = float(self.config.extra.get("step_timeout_s", self.config.collective_timeout_s))
+        timeout = float(self.config.step_timeout_s or self.config.collective_timeout_s)
         return self._run(steps, time.monotonic() + timeout, "step")
 
     def _run(self, steps: list[StepInput], deadline: float, what: str) -> list[StepOutput]:
@@ -390,7 +392,7 @@ class RayExecutor:
         return [w for w in self.workers if w is not None and w.rank.replica in replicas]
 
     def _startup_timeout(self) -> float:
-        return float(self.config.extra.get("startup_timeout_s", self.config.collective_timeout_s + 300.0))
+        return float(self.config.startup_timeout_s or self.config.collective_timeout_s + 300.0)
 
     @property
     def node_ids(self) -> dict[tuple[int, int, int], str]:

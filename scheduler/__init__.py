@@ -4,13 +4,25 @@ from scheduler.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearch
 from scheduler.block_manager import BlockError, BlockManager
 from scheduler.config import ConfigError, EngineConfig
 from scheduler.detokenizer import IncrementalDetokenizer
-from scheduler.engine import LLMEngine, PromptTooLongError
+from scheduler.engine import LLMEngine
+from scheduler.errors import (
+    ConfigTypeError,
+    InvalidRequestError,
+    InvalidTypeError,
+    PromptError,
+    PromptTooLongError,
+    PromptTypeError,
+    SamplingParamsTypeError,
+    UnknownArgumentError,
+)
 from scheduler.executor import EngineDeadError, Executor
 from scheduler.request import CompletionOutput, Request, RequestOutput, Sequence, SequenceStatus
 from scheduler.sampling_params import SamplingParams, SamplingParamsError
 from scheduler.scheduler import MicroBatch, Scheduler, SchedulerOutput
 
 __all__ = [
+    "ConfigTypeError", "InvalidRequestError", "InvalidTypeError", "PromptError", "PromptTypeError",
+    "SamplingParamsTypeError", "UnknownArgumentError",
     "BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence", "BlockError", "BlockManager",
     "CompletionOutput", "ConfigError", "EngineConfig", "EngineDeadError", "Executor",
     "IncrementalDetokenizer", "LLMEngine", "MicroBatch", "PromptTooLongError", "Request",

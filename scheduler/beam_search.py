@@ -29,8 +29,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from scheduler.checks import check_bool, check_int, check_number
+from scheduler.errors import SamplingParamsError, SamplingParamsTypeError, reject_unknown
 from scheduler.request import RequestOutput
 from scheduler.sampling_params import SamplingParams
+
+_ERR = {"err": SamplingParamsError, "type_err": SamplingParamsTypeError}
 
 RunBatch = Callable[[list[tuple[list[int], SamplingParams]]], list[RequestOutput]]
 
@@ -46,12 +50,17 @@ class BeamSearchParams:
     length_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.beam_width, int) or self.beam_width < 1:
-            raise ValueError(f"beam_width={self.beam_width!r} must be an integer >= 1")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens!r} must be an integer >= 1")
-        if self.temperature != 0:
-            raise ValueError(f"temperature={self.temperature!r}: beam search supports only 0 (HF do_sample=False)")
+        check_int("beam_width", self.beam_width, lo=1, **_ERR)
+        check_int("max_tokens", self.max_tokens, lo=1, hi=2**31 - 1, **_ERR)
+        check_bool("ignore_eos", self.ignore_eos, type_err=SamplingParamsTypeError)
+        check_number("temperature", self.temperature, "equal to 0 (beam search is HF do_sample=False)",
+                     lambda v: v == 0, **_ERR)
+        check_number("length_penalty", self.length_penalty, "(any finite number; HF's default 1.0)",
+                     lambda v: True, **_ERR)
+
+    def logprobs_per_step(self, num_eos: int) -> int:
+        """K: top logprobs asked per beam per round (HF: max(2, 1 + number of EOS ids) x beam_width)."""
+        return max(2, 1 + (0 if self.ignore_eos else num_eos)) * self.beam_width
 
 
 @dataclass
@@ -96,7 +105,7 @@ def beam_search(run: RunBatch, prompts: list[list[int]], params: BeamSearchParam
                 max_model_len: int | None = None,
                 decode: Callable[[list[int]], str] | None = None) -> list[BeamSearchOutput]:
     eos = set() if params.ignore_eos else set(eos_token_ids)
-    k = max(2, 1 + len(eos)) * params.beam_width
+    k = params.logprobs_per_step(len(eos))
     states = []
     for p in prompts:
         max_new = params.max_tokens if max_model_len is None else min(params.max_tokens, max_model_len - len(p))
@@ -156,3 +165,15 @@ def _advance(s: _PromptState, tops: list[dict[int, float]], k: int, eos: set[int
     worst_finished = s.finished[-1].score if len(s.finished) == bw else -1.0e9
     s.improvable = s.improvable and best_live > worst_finished
     s.done = not s.improvable or all(hits) or not new_running
+
+
+_BEAM_FIELDS = ("beam_width", "max_tokens", "ignore_eos", "temperature", "length_penalty")
+_beam_init = BeamSearchParams.__init__
+
+
+def _init(self, *args, **kwargs) -> None:
+    reject_unknown(kwargs, _BEAM_FIELDS, "BeamSearchParams")
+    _beam_init(self, *args, **kwargs)
+
+
+BeamSearchParams.__init__ = _init   # a misspelt keyword names the closest field

@@ -7,13 +7,15 @@ It holds plain values only (no torch, no ray), so it crosses process boundaries 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from scheduler.checks import INT64_MAX, INT64_MIN, check_bool, check_int, check_number, check_str
+from scheduler.errors import ConfigError, ConfigTypeError, show
+
+__all__ = ["SUPPORTED_DTYPES", "ConfigError", "ConfigTypeError", "EngineConfig"]
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message says which field and what to change."""
+_ERR = {"err": ConfigError, "type_err": ConfigTypeError}
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,25 +52,66 @@ class EngineConfig:
     """Layers per pipeline stage (must sum to num_hidden_layers); None balances them."""
     collective_timeout_s: float = 120.0
     """Deadline for rendezvous and every collective, so a dead peer never hangs a rank."""
-    extra: dict = field(default_factory=dict, hash=False, compare=False)
-    """Free-form options for later capabilities (kept out of equality)."""
+    max_logprobs: int = 20
+    """Most top logprobs a request may ask for per token (vLLM's default 20); beam search needs 2 x beam_width."""
+    max_n: int = 128
+    """Most output sequences one request may ask for (`n`, beam_width)."""
+    # -- Ray executor (ignored in-process)
+    cpus_per_worker: float | None = None
+    """CPUs each Ray worker reserves; None: min(1, free CPUs / workers)."""
+    use_gpu: bool | None = None
+    """Ask every Ray worker for one GPU; None: when the cluster has GPUs."""
+    connect_timeout_s: float = 10.0
+    """Deadline to reach the Ray cluster at `address` / RAY_ADDRESS."""
+    resource_wait_s: float = 5.0
+    """How long a shortfall of free CPUs/GPUs is re-checked (just-released resources) before it is an error."""
+    placement_timeout_s: float = 60.0
+    """Deadline to reserve the placement groups."""
+    startup_timeout_s: float | None = None
+    """Deadline for rendezvous + loading + warm-up; None: collective_timeout_s + 300."""
+    step_timeout_s: float | None = None
+    """Deadline for one step on the Ray workers; None: collective_timeout_s."""
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
-                     "block_size", "max_num_seqs", "max_num_batched_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name}={value!r} must be a positive integer")
+                     "block_size", "max_num_seqs", "max_num_batched_tokens", "max_n"):
+            check_int(name, getattr(self, name), lo=1, hint="a positive integer", **_ERR)
+        check_str("model", self.model, type_err=ConfigTypeError)
+        check_str("dtype", self.dtype, type_err=ConfigTypeError)
         if self.dtype not in SUPPORTED_DTYPES:
-            raise ConfigError(f"dtype={self.dtype!r} is not supported; choose one of {SUPPORTED_DTYPES}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ConfigError(f"max_model_len={self.max_model_len} must be at least 2 (a prompt and an output token)")
-        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
-            raise ConfigError(f"kv_cache_memory={self.kv_cache_memory} must be a positive number of bytes")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ConfigError(f"num_kv_blocks={self.num_kv_blocks} must be at least 1")
-        if self.collective_timeout_s <= 0:
-            raise ConfigError(f"collective_timeout_s={self.collective_timeout_s} must be positive")
+            raise ConfigError(f"dtype={self.dtype!r} is not supported; choose one of {SUPPORTED_DTYPES}",
+                              "dtype", self.dtype)
+        if self.max_model_len is not None:
+            check_int("max_model_len", self.max_model_len, lo=2,
+                      hint="None or an integer >= 2 (a prompt and an output token)", **_ERR)
+        if self.kv_cache_memory is not None:
+            check_int("kv_cache_memory", self.kv_cache_memory, lo=1, hint="None or a positive number of bytes",
+                      **_ERR)
+        if self.num_kv_blocks is not None:
+            check_int("num_kv_blocks", self.num_kv_blocks, lo=1, hint="None or an integer >= 1", **_ERR)
+        check_bool("enable_prefix_caching", self.enable_prefix_caching, type_err=ConfigTypeError)
+        check_int("seed", self.seed, lo=INT64_MIN, hi=INT64_MAX, hint="a 64-bit signed integer", **_ERR)
+        check_int("max_logprobs", self.max_logprobs, lo=0, **_ERR)
+        if self.layer_split is not None:
+            self._check_layer_split()
+        positive = ("> 0", lambda v: v > 0)
+        for name in ("collective_timeout_s", "connect_timeout_s", "resource_wait_s", "placement_timeout_s"):
+            check_number(name, getattr(self, name), *positive, **_ERR)
+        for name in ("startup_timeout_s", "step_timeout_s", "cpus_per_worker"):
+            if getattr(self, name) is not None:
+                check_number(name, getattr(self, name), "> 0 (or None for the default)", positive[1], **_ERR)
+        if self.use_gpu is not None:
+            check_bool("use_gpu", self.use_gpu, type_err=ConfigTypeError)
+
+    def _check_layer_split(self) -> None:
+        split = self.layer_split
+        if not isinstance(split, (list, tuple)):
+            raise ConfigTypeError(f"layer_split={show(split)} must be a list of layers per stage, e.g. (3, 1), "
+                                  f"not {type(split).__name__}", "layer_split", split)
+        for n in split:
+            check_int("layer_split", n, lo=1, hint=f"a positive number of layers per stage (got {show(split)})",
+                      **_ERR)
+        object.__setattr__(self, "layer_split", tuple(split))   # frozen: normalize a list once, here
 
     @property
     def world_size(self) -> int:

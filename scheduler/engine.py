@@ -26,22 +26,17 @@ import time
 
 from tokenizers import Tokenizer
 
+from scheduler import validation
 from scheduler.config import EngineConfig
 from scheduler.detokenizer import IncrementalDetokenizer
+from scheduler.errors import InvalidRequestError, InvalidTypeError, PromptTooLongError, show
 from scheduler.executor import Executor
 from scheduler.request import CompletionOutput, Request, RequestOutput, Sequence, SequenceStatus
 from scheduler.sampling_params import SamplingParams
 from scheduler.scheduler import SampledToken, Scheduler, SchedulerOutput
 from scheduler.wire import StepInput
 
-
-class PromptTooLongError(ValueError):
-    """A prompt cannot run: it leaves no room for an output token, or can never fit the KV cache."""
-
-    def __init__(self, message: str, prompt_len: int = 0, max_len: int = 0) -> None:
-        super().__init__(message)
-        self.prompt_len = prompt_len
-        self.max_len = max_len
+__all__ = ["LLMEngine", "PromptTooLongError"]
 
 
 class LLMEngine:
@@ -67,42 +62,51 @@ class LLMEngine:
 
     # -- requests ------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    arrival_time: float | None = None, prompt_text: str | None = None) -> None:
-        """Queue a request; raises PromptTooLongError / ValueError at once if it can never run.
+    @property
+    def limits(self) -> validation.RequestLimits:
+        """The bounds every request to this engine is checked against (scheduler.validation)."""
+        return validation.RequestLimits(
+            vocab_size=self.tokenizer.get_vocab_size(with_added_tokens=True), max_model_len=self.max_model_len,
+            kv_capacity_tokens=self.kv_capacity_tokens, max_logprobs=self.config.max_logprobs,
+            max_n=self.config.max_n, block_size=self.config.block_size)
 
-        `prompt` is text (tokenized here, with the tokenizer's special tokens) or token ids;
-        `prompt_text` is the text to report for token-id prompts (e.g. a rendered chat).
+    def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | dict | None = None,
+                    arrival_time: float | None = None, prompt_text: str | None = None) -> None:
+        """Queue a request; raises an InvalidRequestError (e.g. PromptTooLongError) at once if it can never run.
+
+        `prompt` is text (tokenized here, with the tokenizer's special tokens), token ids, or a
+        {"prompt_token_ids"/"prompt"} dict; `prompt_text` is the text to report for token-id
+        prompts (e.g. a rendered chat). Nothing is queued unless everything is valid.
         """
-        params = params if params is not None else SamplingParams()
-        if isinstance(prompt, str):
-            text, ids = prompt, self.tokenizer.encode(prompt).ids
-        else:
-            text, ids = prompt_text, [int(t) for t in prompt]
-        self.check_prompt(ids)
-        req = Request(request_id, text, ids, params, time.time() if arrival_time is None else arrival_time)
+        self.add_requests([self.make_request(request_id, prompt, params, arrival_time, prompt_text)])
+
+    def make_request(self, request_id: str, prompt, params=None, arrival_time: float | None = None,
+                     prompt_text: str | None = None) -> Request:
+        """Validate one request (scheduler.validation) and build it, without queueing it."""
+        if not isinstance(request_id, str):
+            raise InvalidTypeError(f"request_id={show(request_id)} must be a str", "request_id", request_id)
+        limits = self.limits
+        params = validation.check_sampling_params(SamplingParams() if params is None else params, limits)
+        text, ids = validation.prompt_token_ids(prompt, self.tokenizer, limits)
+        if prompt_text is not None:
+            text = validation.check_text(prompt_text)
+        return Request(request_id, text, ids, params, time.time() if arrival_time is None else arrival_time)
+
+    def add_requests(self, requests: list[Request]) -> None:
+        """Queue validated requests all together or none of them (atomic admission)."""
         with self._lock:
-            if request_id in self._requests or any(r.request_id == request_id for r in self._added):
-                raise ValueError(f"request_id {request_id!r} is already running")
-            self._added.append(req)
+            running = set(self._requests) | {r.request_id for r in self._added}
+            seen = set()
+            for req in requests:
+                if req.request_id in running or req.request_id in seen:
+                    raise InvalidRequestError(f"request_id {req.request_id!r} is already running", "request_id",
+                                              req.request_id)
+                seen.add(req.request_id)
+            self._added.extend(requests)
 
     def check_prompt(self, ids: list[int]) -> None:
-        n = len(ids)
-        if n == 0:
-            raise ValueError("the prompt is empty; give at least one token")
-        vocab = self.tokenizer.get_vocab_size(with_added_tokens=True)
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is outside the tokenizer's vocabulary [0, {vocab})")
-        if n >= self.max_model_len:
-            raise PromptTooLongError(f"prompt has {n} tokens but max_model_len is {self.max_model_len}: "
-                                     "prompt + at least one output token must fit", n, self.max_model_len)
-        if n + 1 > self.kv_capacity_tokens:
-            raise PromptTooLongError(f"prompt has {n} tokens but the KV cache holds at most "
-                                     f"{self.kv_capacity_tokens} tokens per replica "
-                                     f"({self.executor.num_kv_blocks} blocks x {self.config.block_size}); "
-                                     "raise num_kv_blocks/kv_cache_memory or shorten the prompt",
-                                     n, self.kv_capacity_tokens)
+        """Raise PromptTooLongError / PromptError if these token ids can never run on this engine."""
+        validation.check_token_ids(ids, self.limits)
 
     def abort_request(self, request_id: str) -> None:
         """Abort at the start of the next step (its output then has finish_reason "abort")."""

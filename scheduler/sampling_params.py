@@ -10,15 +10,18 @@ Differences from vLLM worth knowing:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
+from scheduler.checks import INT64_MAX, INT64_MIN, check_bool, check_int, check_number
+from scheduler.errors import SamplingParamsError, SamplingParamsTypeError, reject_unknown, show
 from scheduler.wire import SeqSampling
 
+__all__ = ["SamplingParams", "SamplingParamsError", "SamplingParamsTypeError"]
+
 _GREEDY_EPS = 1e-5  # temperatures below this are greedy, as in vLLM
-
-
-class SamplingParamsError(ValueError):
-    """A sampling parameter is out of range; the message names the field, the value and the allowed range."""
+_ERR = {"err": SamplingParamsError, "type_err": SamplingParamsTypeError}
+WIRE_INT_MAX = 2**31 - 1  # top_k, min_tokens, max_tokens: ints the sampler and msgpack carry safely
 
 
 @dataclass(slots=True)
@@ -62,25 +65,49 @@ class SamplingParams:
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _check_int("n", self.n, lo=1)
-        _check_range("temperature", self.temperature, ">= 0", lambda v: v >= 0)
-        _check_range("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1)
-        _check_int("top_k", self.top_k, lo=-1, hint="-1 or 0 to disable, or a positive k")
-        _check_range("min_p", self.min_p, "in [0, 1]", lambda v: 0 <= v <= 1)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field's type and range (again: the object is mutable, so the edge re-checks it).
+
+        Bounds that depend on the engine (n, logprobs, token ids against the vocabulary) are
+        checked by `scheduler.validation.check_sampling_params`.
+        """
+        check_int("n", self.n, lo=1, **_ERR)
+        check_number("temperature", self.temperature, ">= 0", lambda v: v >= 0, **_ERR)
+        check_number("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1, **_ERR)
+        check_int("top_k", self.top_k, lo=-1, hi=WIRE_INT_MAX,
+                  hint=f"-1 or 0 to disable, or a k in [1, {WIRE_INT_MAX}]", **_ERR)
+        check_number("min_p", self.min_p, "in [0, 1]", lambda v: 0 <= v <= 1, **_ERR)
         if self.seed is not None:
-            _check_int("seed", self.seed, lo=None)
+            # seed + i (output i of n) must stay a signed 64-bit integer on the wire
+            check_int("seed", self.seed, lo=INT64_MIN, hi=INT64_MAX - (self.n - 1),
+                      hint=f"None or an integer in [-2**63, 2**63 - n] (n={self.n}, so seed + i fits 64 bits)",
+                      **_ERR)
         if self.max_tokens is not None:
-            _check_int("max_tokens", self.max_tokens, lo=1, hint=">= 1 or None")
-        _check_int("min_tokens", self.min_tokens, lo=0)
+            check_int("max_tokens", self.max_tokens, lo=1, hi=WIRE_INT_MAX, hint=f"None or in [1, {WIRE_INT_MAX}]",
+                      **_ERR)
+        check_int("min_tokens", self.min_tokens, lo=0, hi=WIRE_INT_MAX, **_ERR)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise SamplingParamsError(f"min_tokens={self.min_tokens} must be <= max_tokens={self.max_tokens}")
+            raise SamplingParamsError(f"min_tokens={self.min_tokens} must be <= max_tokens={self.max_tokens}",
+                                      "min_tokens", self.min_tokens)
         for name in ("presence_penalty", "frequency_penalty"):
-            _check_range(name, getattr(self, name), "in [-2, 2]", lambda v: -2 <= v <= 2)
-        _check_range("repetition_penalty", self.repetition_penalty, "> 0", lambda v: v > 0)
+            check_number(name, getattr(self, name), "in [-2, 2]", lambda v: -2 <= v <= 2, **_ERR)
+        check_number("repetition_penalty", self.repetition_penalty, "> 0", lambda v: v > 0, **_ERR)
         if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, lo=0, hint=">= 0 or None")
+            check_int("logprobs", self.logprobs, lo=0, hint="None or an integer >= 0", **_ERR)
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            check_bool(name, getattr(self, name), type_err=SamplingParamsTypeError)
         self._stop_list = _normalize_stop(self.stop)
         self.stop_token_ids = _normalize_stop_token_ids(self.stop_token_ids)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SamplingParams:
+        """vLLM / OpenAI-style keyword dict -> SamplingParams; an unknown key is an UnknownArgumentError."""
+        if not isinstance(values, dict):
+            raise SamplingParamsTypeError(f"sampling_params={show(values)} must be a SamplingParams or a dict, "
+                                          f"not {type(values).__name__}", "sampling_params", values)
+        return cls(**values)
 
     @property
     def stop_strings(self) -> list[str]:
@@ -117,36 +144,54 @@ class SamplingParams:
         )
 
 
-def _check_int(name: str, value, lo: int | None, hint: str | None = None) -> None:
-    allowed = hint or (f">= {lo}" if lo is not None else "an integer")
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise SamplingParamsError(f"{name}={value!r} must be an integer ({allowed})")
-    if lo is not None and value < lo:
-        raise SamplingParamsError(f"{name}={value!r} is out of range; allowed: {allowed}")
-
-
-def _check_range(name: str, value, allowed: str, ok) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SamplingParamsError(f"{name}={value!r} must be a number {allowed}")
-    if value != value or not ok(value):  # value != value: NaN
-        raise SamplingParamsError(f"{name}={value!r} is out of range; allowed: {allowed}")
-
-
 def _normalize_stop(stop) -> list[str]:
+    """None, a str, or a list/tuple of non-empty str (a dict or set is an error: its order or keys would be used)."""
     if stop is None:
         return []
+    if not isinstance(stop, (str, list, tuple)):
+        raise SamplingParamsTypeError(f"stop={show(stop)} must be a str or a list of str, not {type(stop).__name__}",
+                                      "stop", stop)
     items = [stop] if isinstance(stop, str) else list(stop)
     for s in items:
         if not isinstance(s, str) or s == "":
-            raise SamplingParamsError(f"stop={stop!r} contains {s!r}; every stop string must be a non-empty str")
+            cls = SamplingParamsError if s == "" else SamplingParamsTypeError
+            raise cls(f"stop={show(stop)} contains {show(s)}; every stop string must be a non-empty str", "stop", stop)
+        _check_encodable("stop", s)
     return items
 
 
 def _normalize_stop_token_ids(ids) -> list[int]:
+    """None, an int, or a list/tuple of non-negative ints (not floats, not strings, not bools)."""
     if ids is None:
         return []
-    ids = [ids] if isinstance(ids, int) and not isinstance(ids, bool) else list(ids)
+    if isinstance(ids, int) and not isinstance(ids, bool):
+        ids = [ids]
+    if not isinstance(ids, (list, tuple)):
+        raise SamplingParamsTypeError(f"stop_token_ids={show(ids)} must be a list of token ids, "
+                                      f"not {type(ids).__name__}", "stop_token_ids", ids)
     for t in ids:
-        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
-            raise SamplingParamsError(f"stop_token_ids contains {t!r}; allowed: non-negative integers")
-    return ids
+        check_int("stop_token_ids", t, lo=0, hi=INT64_MAX,
+                  hint=f">= 0 (each entry of {show(ids)})", **_ERR)
+    return list(ids)
+
+
+def _check_encodable(name: str, text: str) -> None:
+    """A lone surrogate (e.g. from a bad JSON escape) cannot be tokenized or matched: say so here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SamplingParamsError(f"{name}={show(text)} is not valid Unicode text ({e.reason} at "
+                                  f"position {e.start}); remove the lone surrogate", name, text) from None
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.init)
+_dataclass_init = SamplingParams.__init__
+
+
+def _init(self, *args, **kwargs) -> None:
+    reject_unknown(kwargs, _FIELDS, "SamplingParams")
+    _dataclass_init(self, *args, **kwargs)
+
+
+_init.__doc__ = _dataclass_init.__doc__
+SamplingParams.__init__ = _init   # a misspelt keyword names the closest field, not just Python's TypeError

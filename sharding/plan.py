@@ -18,15 +18,17 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from scheduler.errors import ConfigError
+
 # model_type -> family. The family decides which model file builds the stage.
 SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2"}
 
 
-class LayoutError(ValueError):
+class LayoutError(ConfigError):
     """The requested (tp, pp) layout cannot cut this model; the message lists valid choices."""
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(ConfigError):
     """The model's architecture has no Shardline implementation."""
 
 
@@ -49,7 +51,7 @@ class ModelDims:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
                 f"model_type={model_type!r} is not supported; supported model types: "
-                f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}")
+                f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}", "model", model_type)
         if model_type == "gpt2":
             hidden, heads = hf_config.n_embd, hf_config.n_head
             return cls(model_type, hf_config.n_layer, hidden, heads, heads, hidden // heads,
@@ -83,19 +85,19 @@ class ShardPlan:
     def build(cls, hf_config, tp: int, pp: int, layer_split: tuple[int, ...] | None = None) -> ShardPlan:
         dims = ModelDims.from_hf_config(hf_config)
         if not isinstance(tp, int) or tp < 1:
-            raise LayoutError(f"tensor_parallel_size={tp!r} must be a positive integer")
+            raise LayoutError(f"tensor_parallel_size={tp!r} must be a positive integer", "tensor_parallel_size", tp)
         if not isinstance(pp, int) or pp < 1:
-            raise LayoutError(f"pipeline_parallel_size={pp!r} must be a positive integer")
+            raise LayoutError(f"pipeline_parallel_size={pp!r} must be a positive integer", "pipeline_parallel_size", pp)
         for what, n in (("num_attention_heads", dims.num_heads), ("num_key_value_heads", dims.num_kv_heads),
                         ("intermediate_size", dims.intermediate_size)):
             if n % tp:
                 valid = sorted(set(_divisors(dims.num_heads)) & set(_divisors(dims.num_kv_heads))
                                & set(_divisors(dims.intermediate_size)))
                 raise LayoutError(f"tensor_parallel_size={tp} does not divide {what}={n}; "
-                                  f"valid sizes: {', '.join(map(str, valid))}")
+                                  f"valid sizes: {', '.join(map(str, valid))}", "tensor_parallel_size", tp)
         if pp > dims.num_layers:
             raise LayoutError(f"pipeline_parallel_size={pp} exceeds num_hidden_layers={dims.num_layers}; "
-                              f"valid sizes: 1 to {dims.num_layers}")
+                              f"valid sizes: 1 to {dims.num_layers}", "pipeline_parallel_size", pp)
         if layer_split is None:
             counts = _split_evenly(dims.num_layers, pp)
         else:
@@ -103,7 +105,7 @@ class ShardPlan:
             if len(counts) != pp or any(c < 1 for c in counts) or sum(counts) != dims.num_layers:
                 raise LayoutError(f"layer_split={list(layer_split)} must have pipeline_parallel_size={pp} "
                                   f"positive entries summing to num_hidden_layers={dims.num_layers}; "
-                                  f"e.g. {list(_split_evenly(dims.num_layers, pp))}")
+                                  f"e.g. {list(_split_evenly(dims.num_layers, pp))}", "layer_split", layer_split)
         return cls(dims, tp, pp, counts)
 
     # pipeline
@@ -170,7 +172,7 @@ def load_hf_config(model_dir: str | Path):
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(f"{path}: model_type={model_type!r} is not supported; supported model types: "
-                                    f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}")
+                                    f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}", "model", str(path))
     return AutoConfig.from_pretrained(str(path))
 
 
