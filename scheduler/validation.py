@@ -150,7 +150,7 @@ def check_token_ids(ids: Sequence, limits: RequestLimits, param: str = "prompt_t
     """Non-empty ints (not floats, strings or bools) in the vocabulary, short enough to run."""
     n = len(ids)
     if n == 0:
-        raise PromptError("the prompt is empty; give at least one token", param, [])
+        raise PromptError(f"the prompt is empty ({param} has no tokens); give at least one token", param, [])
     vocab = limits.vocab_size
     for i, t in enumerate(ids):
         if not isinstance(t, int) or isinstance(t, bool):
