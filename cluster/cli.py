@@ -125,6 +125,8 @@ def _run_generate(args: argparse.Namespace) -> int:
                 raise
     except InvalidRequestError as e:
         raise _flag_error(e) from None
+    except FileNotFoundError as e:    # a model folder that is not there
+        raise (_FlagError(f"--model: {e}") if args.model else e) from None
     _print_outputs(outputs, args.json)
     return EXIT_OK
 
