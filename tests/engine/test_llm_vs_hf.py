@@ -155,6 +155,41 @@ def test_beam_search_equals_hf_num_beams_4(request, make_llm, model):
         assert o.sequences[0].tokens[:len(p)] == p
 
 
+# Prompts (token_prompts-style, seeds below, lengths 3..20 from random.Random(seed)) whose HF beams end on
+# EOS at different lengths on tiny_llama_dir, found by searching seeds 0..300 with num_beams=4,
+# max_new_tokens=10: so EOS handling and the length normalisation really decide the ranking.
+EOS_BEAM_SEEDS = [24, 61, 40]
+
+
+def eos_beam_prompt(seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(2, TINY_VOCAB) for _ in range(rng.randint(3, 20))]
+
+
+def test_beam_search_finishing_on_eos_at_different_lengths_equals_hf(tiny_llama_dir, make_llm):
+    """length_penalty 1.0, 0.5 and 2.0 on prompts whose beams end on EOS at different lengths."""
+    llm = make_llm(tiny_llama_dir, block_size=4)
+    prompts = [eos_beam_prompt(s) for s in EOS_BEAM_SEEDS]
+    got = {}
+    for lp in (1.0, 0.5, 2.0):
+        outs = llm.beam_search([{"prompt_token_ids": p} for p in prompts],
+                               BeamSearchParams(beam_width=4, max_tokens=10, length_penalty=lp))
+        got[lp] = [[s.output_token_ids for s in o.sequences] for o in outs]
+        stopped, lengths = 0, set()
+        for p, o, beams in zip(prompts, outs, got[lp], strict=True):
+            assert beams == hf_beam_search(tiny_llama_dir, p, 4, 10, length_penalty=lp), f"lp={lp} prompt {p}"
+            for s in o.sequences:
+                assert (s.finish_reason == "stop") == (s.output_token_ids[-1] in llm.eos_token_ids)
+                n = len(s.output_token_ids)
+                assert s.score == pytest.approx(s.cum_logprob / n ** lp, rel=1e-6)
+                stopped += s.finish_reason == "stop"
+                lengths.add(n)
+        if lp <= 1.0:
+            assert stopped >= 1 and len(lengths) >= 2, f"lp={lp}: no EOS beam at a different length"
+    # the penalty decides the result: a long-favouring 2.0 drops the short EOS beams that 0.5 keeps
+    assert got[2.0] != got[1.0] and got[0.5] != got[2.0]
+
+
 def test_too_long_prompt_rejected_while_others_complete(tiny_llama_dir, make_llm):
     llm = make_llm(tiny_llama_dir, max_model_len=64)
     ok = token_prompts(3, seed=11, lo=5, hi=30)
