@@ -22,12 +22,13 @@ import torch
 import torch.distributed as dist
 
 
-def select_device(local_rank: int = 0) -> tuple[torch.device, str]:
-    """CUDA + NCCL when this process has a GPU, else CPU + gloo. Nothing else picks either.
+def select_device(local_rank: int = 0, force_cpu: bool = False) -> tuple[torch.device, str]:
+    """CUDA + NCCL when this process has a GPU (and `force_cpu` is off), else CPU + gloo. Nothing else picks either.
 
-    Only the CPU + gloo branch has been run so far (see README).
+    Only the CPU + gloo branch has been run so far (see README). `force_cpu` lets the gloo tests
+    test gloo even on a machine with GPUs.
     """
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not force_cpu:
         index = local_rank % torch.cuda.device_count()
         torch.cuda.set_device(index)
         return torch.device("cuda", index), "nccl"
@@ -111,14 +112,14 @@ def init_single_rank(device: torch.device | None = None) -> ParallelGroups:
 
 
 def init_replica(rank: int, tp: int, pp: int, master_addr: str, master_port: int,
-                 timeout_s: float = 120.0, local_rank: int = 0) -> ParallelGroups:
+                 timeout_s: float = 120.0, local_rank: int = 0, force_cpu: bool = False) -> ParallelGroups:
     """Join one replica's world (T x P ranks) and build its TP groups.
 
     Every rank of the replica must call this with the same (tp, pp, master_addr, master_port).
     `timeout_s` bounds the rendezvous and every later collective, so a dead peer raises instead
     of hanging this rank forever.
     """
-    device, backend = select_device(local_rank)
+    device, backend = select_device(local_rank, force_cpu)
     world = tp * pp
     if world == 1:
         return ParallelGroups(rank=0, tp_size=1, pp_size=1, device=device, backend=backend)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import resource
 import tempfile
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,7 @@ class Job:
 
 @dataclass
 class RankResult:
+    backend: str = ""                         # the collective backend this rank really used
     prefill_logits: list | None = None       # [num prompts] tensors [vocab], last stage only
     tokens: list[list[int]] = field(default_factory=list)
     logprobs: list[list[float]] = field(default_factory=list)
@@ -54,7 +56,7 @@ def _run_job(job: Job, tp: int, pp: int, groups) -> RankResult:
     from sharding.runner import ModelRunner
 
     load_hf_config(job.model)   # imports transformers first: its modules are not model memory
-    res = RankResult(rss_before_kb=_rss_anon_kb())
+    res = RankResult(backend=groups.backend, rss_before_kb=_rss_anon_kb())
     peak = [res.rss_before_kb]
     # sample private memory while loading, from a thread (ru_maxrss also counts mmapped file pages)
     import threading
@@ -108,9 +110,10 @@ def _run_job(job: Job, tp: int, pp: int, groups) -> RankResult:
     return res
 
 
-def _worker(rank: int, tp: int, pp: int, port: int, jobs: list[Job], out_dir: str) -> None:
+def _worker(rank: int, tp: int, pp: int, port: int, jobs: list[Job], out_dir: str, backend: str) -> None:
     torch.set_num_threads(1)
-    groups = init_replica(rank, tp, pp, "127.0.0.1", port, timeout_s=120, local_rank=rank)
+    groups = init_replica(rank, tp, pp, "127.0.0.1", port, timeout_s=120, local_rank=rank,
+                          force_cpu=backend == "gloo")
     try:
         results = [_run_job(job, tp, pp, groups) for job in jobs]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -118,12 +121,36 @@ def _worker(rank: int, tp: int, pp: int, port: int, jobs: list[Job], out_dir: st
         groups.destroy()
 
 
-def run_layout(jobs: list[Job], tp: int, pp: int) -> dict[int, list[RankResult]]:
-    """Run every job at layout (tp, pp); returns rank -> one RankResult per job."""
+def run_layout(jobs: list[Job], tp: int, pp: int, backend: str = "gloo",
+               timeout_s: float = 600.0) -> dict[int, list[RankResult]]:
+    """Run every job at layout (tp, pp) over `backend` ("gloo": CPU even with GPUs; "nccl": CUDA).
+
+    Returns rank -> one RankResult per job. The rank processes are terminated in a `finally`,
+    whatever happens: a failed rank, this deadline, or pytest-timeout interrupting the wait.
+    """
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(tp, pp, free_port("127.0.0.1"), jobs, out_dir), nprocs=tp * pp,
-                           join=True, start_method="spawn")
+        ctx = mp.start_processes(_worker, args=(tp, pp, free_port("127.0.0.1"), jobs, out_dir, backend),
+                                 nprocs=tp * pp, join=False, start_method="spawn")
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not ctx.join(timeout=1.0):   # raises ProcessRaisedException if a rank failed
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"tp={tp} pp={pp}: ranks still running after {timeout_s:.0f} s")
+        finally:
+            terminate(ctx.processes)
         return {r: torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(tp * pp)}
+
+
+def terminate(processes, grace_s: float = 5.0) -> None:
+    """SIGTERM every live process, then SIGKILL what is left after `grace_s`; reap them all."""
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    for p in processes:
+        p.join(grace_s)
+        if p.is_alive():
+            p.kill()
+            p.join(grace_s)
 
 
 def driver_rank(tp: int, pp: int) -> int:

@@ -1,12 +1,15 @@
 """Every TP x PP layout over plain gloo processes computes what `transformers` computes.
 
-One process per rank (torch.multiprocessing, no Ray, no engine). For each layout the ranks load
+One process per rank (torch.multiprocessing, no Ray, no engine), forced onto CPU + gloo even on a
+machine with GPUs (the GPU path has its own test, test_gpu_nccl.py). For each layout the ranks load
 their slices of every tiny model, prefill a batch of mixed-length prompts (logits compared with
 HF's), then decode 16 greedy tokens through the paged KV cache (tokens compared with HF
 `generate`, logprobs within 1e-4).
 """
 
 from __future__ import annotations
+
+import multiprocessing
 
 import pytest
 
@@ -37,8 +40,9 @@ def references(tiny_models):
 @pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{t}-pp{p}" for t, p in LAYOUTS])
 def test_layout_matches_transformers(tp, pp, tiny_models, references):
     names = list(tiny_models)
-    results = run_layout([Job(tiny_models[n], PROMPTS, NEW_TOKENS) for n in names], tp, pp)
+    results = run_layout([Job(tiny_models[n], PROMPTS, NEW_TOKENS) for n in names], tp, pp, backend="gloo")
     driver = results[driver_rank(tp, pp)]
+    assert {res.backend for rank in results.values() for res in rank} == {"gloo"}
     for j, name in enumerate(names):
         greedy, prefill = references[name]
         logit_diff = max((driver[j].prefill_logits[i] - prefill[i]).abs().max().item() for i in range(len(PROMPTS)))
@@ -53,3 +57,10 @@ def test_layout_matches_transformers(tp, pp, tiny_models, references):
         if tp > 1:
             loaded = [results[r][j].loaded_bytes for r in range(tp)]
             assert max(loaded) - min(loaded) <= 0.05 * max(loaded), f"{name}: uneven shares {loaded}"
+
+
+def test_harness_terminates_its_ranks_on_timeout(tiny_llama_gqa_dir):
+    """A deadline (or pytest-timeout) interrupting the wait must not leave rank processes behind."""
+    with pytest.raises(TimeoutError, match="ranks still running"):
+        run_layout([Job(str(tiny_llama_gqa_dir), [[5, 6]], 200)], 2, 1, timeout_s=0.5)
+    assert multiprocessing.active_children() == []
