@@ -256,7 +256,6 @@ def test_smollm2_32_prompts_greedy_equals_hf(smollm2_dir, smol):
 
 @pytest.mark.slow
 def test_smollm2_system_prompt_prefix_hits(smollm2_dir, smol):
-    tok = smol.get_tokenizer()
     system = "You are a careful assistant who answers in one short sentence. " * 3
     convs = [[{"role": "system", "content": system}, {"role": "user", "content": q}]
              for q in ("What is rain?", "Name a color.", "Why do cats purr?")]
@@ -265,5 +264,5 @@ def test_smollm2_system_prompt_prefix_hits(smollm2_dir, smol):
     rest = smol.chat(convs[1:], greedy(8), use_tqdm=False)
     assert smol.engine.prefix_hit_tokens - before >= 2 * 32
     assert all(o.num_cached_tokens >= 32 for o in rest)
-    assert tok is smol.get_tokenizer()
+    assert all(o.prompt_token_ids[:32] == first[0].prompt_token_ids[:32] for o in rest)   # the shared prefix
     assert_same_as_hf(smollm2_dir, first + rest, [8] * 3)

@@ -342,7 +342,13 @@ def test_add_from_another_thread_while_stepping(make_engine):
 
 
 def test_one_execute_call_per_step(make_engine):
-    eng = make_engine(dp=2, pp=2)
+    """Counted by the test around each step() (not by the engine's own counter, which sits beside the call)."""
+    eng = make_engine(dp=2, pp=2, max_num_batched_tokens=64)
     submit(eng, PROMPTS[:10], MAX_TOKENS[:10])
-    run(eng)
-    assert len(eng.executor.calls) == eng.num_steps
+    calls = eng.executor.calls
+    while eng.has_unfinished_requests():
+        before = len(calls)
+        eng.step()
+        assert len(calls) - before == 1, "a step with work must make exactly one execute call"
+    # one call carries both replicas' micro-batches (2 stages each), not one call per replica or stage
+    assert any({s.replica for s in c} == {0, 1} and len(c) == 4 for c in calls)

@@ -133,10 +133,17 @@ def test_greedy_margins_are_clear_on_standard_prompts(model_fixture, request, to
     assert min(tiny_models.greedy_margins(model, prompts, max_new_tokens=32)) > 1e-2
 
 
+# A prompt whose greedy path on tiny_llama_dir really emits EOS (found by a seed search): a "stops at
+# EOS" test on a prompt that never reaches EOS would pass whatever stop_at_eos did.
+EOS_PROMPT = [40, 179, 308, 434, 312, 149, 46, 263, 476, 178, 203]
+
+
 def test_hf_greedy_stop_at_eos(tiny_llama_dir):
-    tokens, _ = reference.hf_greedy(tiny_llama_dir, [5, 17, 42], max_new_tokens=40, stop_at_eos=True)
-    assert 1 <= len(tokens) <= 40
+    tokens, logprobs = reference.hf_greedy(tiny_llama_dir, EOS_PROMPT, max_new_tokens=40, stop_at_eos=True)
+    assert tokens[-1] == tiny_models.EOS_ID and len(tokens) < 40 and len(logprobs) == len(tokens)
     assert tiny_models.EOS_ID not in tokens[:-1]
+    full, _ = reference.hf_greedy(tiny_llama_dir, EOS_PROMPT, max_new_tokens=len(tokens) + 3)
+    assert full[:len(tokens)] == tokens and len(full) == len(tokens) + 3   # without stop_at_eos it goes on
 
 
 def test_hf_beam_search_returns_num_beams_sequences(tiny_gpt2_dir):

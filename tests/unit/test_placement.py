@@ -98,8 +98,14 @@ def test_tp_group_larger_than_any_node():
 
 
 def test_fractional_shares_do_not_trip_on_rounding():
-    check_resources(Layout(tp=1, pp=3, cpus_per_worker=0.6666), {"CPU": 2.0})
-    check_resources(Layout(tp=3, pp=1, cpus_per_worker=default_cpu_share(3, 3, 2.0)), {"CPU": 2.0}, [{"CPU": 2.0}])
+    # no exception: 3 x 0.6666 and 3 x default share fit 2 CPUs despite float rounding ...
+    assert check_resources(Layout(tp=1, pp=3, cpus_per_worker=0.6666), {"CPU": 2.0}) is None
+    share = default_cpu_share(3, 3, 2.0)
+    assert 3 * share <= 2.0 + 1e-9
+    assert check_resources(Layout(tp=3, pp=1, cpus_per_worker=share), {"CPU": 2.0}, [{"CPU": 2.0}]) is None
+    # ... while a share really too large still fails
+    with pytest.raises(ResourceError, match="needs 3 workers"):
+        check_resources(Layout(tp=1, pp=3, cpus_per_worker=0.7), {"CPU": 2.0})
 
 
 def test_missing_gpus_named_before_node_sizes():

@@ -49,8 +49,14 @@ def test_each_invalid_value_names_field_value_and_range(kwargs, field, allowed):
 
 
 def test_valid_edges_accepted():
-    SamplingParams(temperature=0, top_p=1.0, top_k=-1, min_p=1.0, max_tokens=None, min_tokens=3,
-                   presence_penalty=-2, frequency_penalty=2, logprobs=0, seed=-5, stop="x")
+    p = SamplingParams(temperature=0, top_p=1.0, top_k=-1, min_p=1.0, max_tokens=None, min_tokens=3,
+                       presence_penalty=-2, frequency_penalty=2, logprobs=0, seed=-5, stop="x")
+    assert (p.temperature, p.top_k, p.max_tokens, p.logprobs, p.seed, p.stop_strings) == (0, -1, None, 0, -5, ["x"])
+    assert p.greedy
+    # the 64-bit seed edges: seed + i of the last output still fits
+    top = SamplingParams(seed=2**63 - 3, n=3)
+    assert top.to_wire([0], 2).seed == 2**63 - 1
+    assert SamplingParams(seed=-(2**63)).to_wire([0]).seed == -(2**63)
 
 
 def test_stop_normalized_to_list():

@@ -216,20 +216,34 @@ def test_sibling_waits_for_leader_prompt_then_hits_cache():
 
 @pytest.mark.parametrize("dp", [2, 3])
 def test_engine_routes_to_least_loaded_replica(dp):
+    """Round-robin would put the singles on every replica in turn; least-loaded fills the idle ones first."""
     c = cfg(data_parallel_size=dp)
     eng = LLMEngine(c, ToyExecutor(64, 4, num_replicas=dp), make_tokenizer(), [EOS], 100)
-    for i in range(2 * dp):
-        eng.add_request(str(i), [1, 2, 3], SamplingParams(max_tokens=3))
+    # a request with n = dp + 1 loads replica 0 with dp + 1 sequences
+    eng.add_request("big", [1, 2, 3], SamplingParams(n=dp + 1, temperature=1.0, seed=1, max_tokens=8,
+                                                     ignore_eos=True))
+    # then (dp - 1) * (dp + 1) singles: least-loaded sends them all to replicas 1..dp-1 until every
+    # replica holds dp + 1 sequences; round-robin would send every dp-th one to replica 0
+    singles = [f"s{i}" for i in range((dp - 1) * (dp + 1))]
+    for rid in singles:
+        eng.add_request(rid, [1, 2, 3], SamplingParams(max_tokens=8, ignore_eos=True))
     eng.step()
-    assert [s.num_unfinished for s in eng.schedulers] == [2] * dp
-    assert [r.replica for r in sorted(eng._requests.values(), key=lambda r: int(r.request_id))] == \
-        [i % dp for i in range(2 * dp)]
-    # a request with n=3 puts 3 sequences on one replica; the next requests go elsewhere
-    eng.add_request("big", [1, 2, 3], SamplingParams(n=3, max_tokens=3))
-    eng.add_request("next", [1, 2, 3], SamplingParams(max_tokens=3))
+    assert eng._requests["big"].replica == 0
+    assert all(eng._requests[rid].replica != 0 for rid in singles), \
+        [eng._requests[r].replica for r in singles]
+    assert [s.num_unfinished for s in eng.schedulers] == [dp + 1] * dp
+    # replica 0 drains first (short requests there), so the next arrivals go to replica 0 only
+    while eng.has_unfinished_requests():
+        eng.step()
+    eng.add_request("long1", [1, 2], SamplingParams(max_tokens=30, ignore_eos=True))   # -> replica 0 (tie: index)
+    eng.add_request("long2", [1, 2], SamplingParams(max_tokens=30, ignore_eos=True))   # -> replica 1
     eng.step()
-    big, nxt = eng._requests["big"].replica, eng._requests["next"].replica
-    assert big != nxt
+    eng.add_request("after", [1, 2], SamplingParams(max_tokens=2))
+    eng.step()
+    loads = {r: eng._requests[r].replica for r in ("long1", "long2", "after")}
+    assert loads["long1"] != loads["long2"]
+    if dp == 3:
+        assert loads["after"] == 2          # the idle replica, not replica 0 as round-robin's next turn
     while eng.has_unfinished_requests():
         eng.step()
     assert eng.all_blocks_free()
