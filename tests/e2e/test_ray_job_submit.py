@@ -93,7 +93,25 @@ def test_ray_job_submit_runs_the_example_on_the_cluster(ray_head, tiny_llama_dir
     assert "succeeded" in log
     assert "engine up" in log and "tp=1 pp=2 dp=1" in log
     assert log.count(">>> ") >= 5, log[-4000:]   # four prompts and the chat
-    assert "[length]" in log
+    # the text is what transformers generates for each of the example's prompts
+    from tokenizers import Tokenizer
+
+    from tests.fixtures.reference import hf_greedy
+
+    tok = Tokenizer.from_file(str(tiny_llama_dir / "tokenizer.json"))
+    example = {}
+    exec(compile((REPO / "examples" / "offline_generate.py").read_text(), "offline_generate.py", "exec"), example)
+    for prompt in example["PROMPTS"]:
+        tokens, _ = hf_greedy(str(tiny_llama_dir), tok.encode(prompt).ids, 8, stop_at_eos=True)
+        reason = "stop" if tokens[-1] in (0,) and len(tokens) < 8 else "length"
+        want = f">>> {prompt}\n{tok.decode(tokens, skip_special_tokens=True)}  [{reason}]"
+        assert want in log, f"{want!r} not in the job's output:\n{log[-3000:]}"
+    # ... computed by ShardWorker actors of THIS cluster (a Ray started inside the job would hold them)
+    listed = subprocess.run([str(BIN / "ray"), "list", "actors", "--address", url, "--filter",
+                             "class_name=ShardWorker", "--format", "json", "--limit", "100"],
+                            env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert len(json.loads(listed.stdout)) == 2, listed.stdout   # PP=2: one worker per stage
 
 
 def test_llm_joins_a_running_cluster_by_address(ray_head, tiny_llama_dir):
