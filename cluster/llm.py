@@ -124,6 +124,7 @@ class LLM:
         lengths. The error carries `.outputs` (the RequestOutputs in input order, None for
         rejected prompts) and `.rejected` ({index: message}), so no finished work is lost.
         """
+        check_bool("use_tqdm", use_tqdm)
         items = validation.as_prompt_list(prompts)
         limits = self.engine.limits
         params = validation.params_per_prompt(sampling_params, len(items), limits)

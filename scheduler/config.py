@@ -95,8 +95,9 @@ class EngineConfig:
         if self.layer_split is not None:
             self._check_layer_split()
         positive = ("> 0", lambda v: v > 0)
-        for name in ("collective_timeout_s", "connect_timeout_s", "resource_wait_s", "placement_timeout_s"):
+        for name in ("collective_timeout_s", "connect_timeout_s", "placement_timeout_s"):
             check_number(name, getattr(self, name), *positive, **_ERR)
+        check_number("resource_wait_s", self.resource_wait_s, ">= 0 (0: no re-check)", lambda v: v >= 0, **_ERR)
         for name in ("startup_timeout_s", "step_timeout_s", "cpus_per_worker"):
             if getattr(self, name) is not None:
                 check_number(name, getattr(self, name), "> 0 (or None for the default)", positive[1], **_ERR)
