@@ -46,8 +46,10 @@ class EngineConfig:
     """Reuse full KV blocks whose token prefix was already computed."""
     seed: int = 0
     """Seed for requests that do not carry their own."""
-    layer_split: tuple[int, ...] | None = None
-    """Layers per pipeline stage (must sum to num_hidden_layers); None balances them."""
+    layer_split: tuple[int, ...] | str | None = "auto"
+    """Layers per pipeline stage: a tuple (summing to num_hidden_layers), None (equal counts), or
+    "auto" (on a multi-node cluster, sized from the layers' bytes and each stage's node memory;
+    equal counts when every stage shares one node)."""
     collective_timeout_s: float = 120.0
     """Deadline for rendezvous and every collective, so a dead peer never hangs a rank."""
     extra: dict = field(default_factory=dict, hash=False, compare=False)
@@ -67,6 +69,7 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_memory={self.kv_cache_memory} must be a positive number of bytes")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError(f"num_kv_blocks={self.num_kv_blocks} must be at least 1")
+        object.__setattr__(self, "layer_split", _check_layer_split(self.layer_split))
         if self.collective_timeout_s <= 0:
             raise ConfigError(f"collective_timeout_s={self.collective_timeout_s} must be positive")
 
@@ -74,3 +77,14 @@ class EngineConfig:
     def world_size(self) -> int:
         """Ranks in one replica (T x P)."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+def _check_layer_split(value):
+    """None, "auto", or a sequence of positive ints (stored as a tuple)."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in value):
+        return tuple(value)
+    raise ConfigError(f"layer_split={value!r} must be \"auto\", None, or a tuple of positive layer counts per "
+                      "pipeline stage, e.g. (16, 14)")

@@ -27,7 +27,7 @@ def test_smollm2_tp3_owns_one_kv_head_and_a_third_of_everything():
     plan = ShardPlan.build(smollm2_like(), tp=3, pp=2)
     assert plan.heads(1) == range(3, 6)
     assert plan.kv_heads(1) == range(1, 2)
-    assert plan.columns(1536, 1) == range(512, 1024)
+    assert plan.columns(1) == range(512, 1024)
     assert plan.vocab_rows(2) == range(32768, 49152)
     assert plan.padded_vocab_size == 49152
 
@@ -36,27 +36,26 @@ def test_vocabulary_is_padded_so_every_rank_has_equal_rows():
     cfg = LlamaConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=4,
                       intermediate_size=128, vocab_size=509)
     plan = ShardPlan.build(cfg, tp=4, pp=1)
-    assert plan.vocab_per_rank == 128 and plan.padded_vocab_size == 512
+    assert plan.vocab_shard_sizes == (128, 128, 128, 128) and plan.padded_vocab_size == 512
     assert [plan.vocab_rows(r).start for r in range(4)] == [0, 128, 256, 384]
 
 
 def test_gpt2_dims_come_from_its_own_config_names():
     plan = ShardPlan.build(GPT2Config(n_embd=64, n_head=4, n_layer=6, vocab_size=100), tp=2, pp=3)
-    assert plan.dims.intermediate_size == 256 and plan.kv_heads_per_rank == 2
+    assert plan.dims.intermediate_size == 256 and plan.max_kv_heads_per_rank == 2
     assert list(plan.layer_counts) == [2, 2, 2]
 
 
-def test_tp_not_dividing_kv_heads_names_the_valid_sizes():
-    with pytest.raises(LayoutError, match=r"tensor_parallel_size=2 does not divide num_attention_heads=9; "
-                                          r"valid sizes: 1, 3"):
-        ShardPlan.build(smollm2_like(), tp=2, pp=1)
+def test_tp_larger_than_the_head_count_names_the_largest_that_works():
+    with pytest.raises(LayoutError, match=r"tensor_parallel_size=10 exceeds num_attention_heads=9 .*"
+                                          r"the largest that works is 9"):
+        ShardPlan.build(smollm2_like(), tp=10, pp=1)
 
 
-def test_tp_not_dividing_gqa_kv_heads_is_reported_for_kv_heads():
-    cfg = LlamaConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=2,
-                      intermediate_size=128)
-    with pytest.raises(LayoutError, match=r"does not divide num_key_value_heads=2; valid sizes: 1, 2"):
-        ShardPlan.build(cfg, tp=4, pp=1)
+def test_tp_not_dividing_the_heads_is_accepted_with_unequal_shares():
+    plan = ShardPlan.build(smollm2_like(), tp=2, pp=1)
+    assert [len(plan.heads(r)) for r in range(2)] == [6, 3]       # whole KV groups of 3
+    assert [len(plan.columns(r)) for r in range(2)] == [768, 768]
 
 
 def test_pp_larger_than_layers_is_rejected():
