@@ -49,6 +49,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.layer_split import plan_for, resolve_layer_split
 from cluster.placement import (
     GroupSpec,
     Layout,
@@ -146,8 +147,10 @@ class RayExecutor:
                     self.num_kv_blocks)
 
     def _start_replicas(self, replicas: list[int]) -> None:
-        # 4. placement groups, bounded wait
+        # 4. placement groups, bounded wait; layer_split="auto" is sized for the nodes they landed on
         self._reserve_placement_groups(replicas)
+        self.config = resolve_layer_split(self.config, self.groups)
+        self.plan = plan_for(self.config)
         # 5. one actor per rank, pinned to its bundle
         self._spawn_workers(replicas)
         # 6 + 7. rendezvous on an ephemeral port; each rank loads only its shard
