@@ -87,3 +87,41 @@ def test_qwen2_is_a_supported_llama_family_member():
     cfg = Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
                       intermediate_size=128, vocab_size=100)
     assert ShardPlan.build(cfg, tp=2, pp=2).dims.num_kv_heads == 2
+
+
+@pytest.mark.parametrize("bad", ["Auto", 5, (), (0, 30), (1.5, 2), [True]])
+def test_layer_split_config_rejects_anything_but_auto_none_or_counts(bad):
+    from scheduler.config import ConfigError, EngineConfig
+
+    with pytest.raises(ConfigError, match=r"layer_split=.* must be \"auto\", None, or a tuple of positive layer"):
+        EngineConfig(model="m", layer_split=bad)
+
+
+def test_layer_split_config_defaults_to_auto_and_stores_lists_as_tuples():
+    from scheduler.config import EngineConfig
+
+    assert EngineConfig(model="m").layer_split == "auto"
+    assert EngineConfig(model="m", layer_split=[20, 10]).layer_split == (20, 10)
+
+
+def test_auto_without_a_cluster_to_size_it_from_is_the_even_split():
+    assert ShardPlan.build(smollm2_like(), tp=1, pp=2, layer_split="auto").layer_counts == (15, 15)
+
+
+def test_the_plan_describes_every_rank_and_its_imbalance():
+    text = ShardPlan.build(smollm2_like(), tp=2, pp=1).describe()
+    assert "tp rank 0: 6 heads [0, 6), 2 KV heads [0, 2), 768 MLP columns, 24576 vocabulary rows" in text
+    assert "tp rank 1: 3 heads [6, 9), 1 KV heads [2, 3)" in text
+    assert "imbalance (max/mean): FLOPs 1.066, KV bytes 1.333" in text
+
+
+def test_layer_bytes_come_from_the_model_and_the_larger_node_gets_more_layers():
+    from cluster.placement import split_layers_by_memory
+    from sharding.layer_sizes import model_byte_sizes
+
+    sizes = model_byte_sizes(smollm2_like())
+    assert len(sizes.layers) == 30 and len(set(sizes.layers)) == 1
+    assert sizes.first_extra == sizes.last_extra == 49152 * 576 * 4    # embedding; the head's own copy
+    assert split_layers_by_memory(sizes.layers, [1.0, 1.0], sizes.first_extra, sizes.last_extra) == (15, 15)
+    big_first = split_layers_by_memory(sizes.layers, [16.0, 8.0], sizes.first_extra, sizes.last_extra)
+    assert big_first[0] > big_first[1] and sum(big_first) == 30
