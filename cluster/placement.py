@@ -196,7 +196,8 @@ def check_resources(layout: Layout, available: dict, node_totals: list[dict] | N
     if need_cpu > free_cpu + RESOURCE_QUANTUM / 2:
         raise ResourceError(
             f"layout {layout} needs {n} workers x {_num(share)} CPU = {_num(need_cpu)} CPU; the cluster has "
-            f"{_num(free_cpu)} CPU free. Use fewer workers, lower cpus_per_worker, or add nodes.")
+            f"{_num(free_cpu)} CPU free{_largest_tp(free_cpu, share, layout.pp * layout.dp)}. Use fewer workers, "
+            "lower cpus_per_worker, or add nodes.")
 
 
 def check_fits_a_node(layout: Layout, node_totals: list[dict]) -> None:
@@ -220,8 +221,15 @@ def check_fits_a_node(layout: Layout, node_totals: list[dict]) -> None:
     else:
         has = f"the largest node has {_num(most)} CPU"
     raise ResourceError(
-        f"layout {layout}: a tensor-parallel group must share one node and needs {what} there; {has}. "
-        "Lower tensor_parallel_size or cpus_per_worker, or add a larger node.")
+        f"layout {layout}: a tensor-parallel group must share one node and needs {what} there; {has}"
+        f"{'' if layout.use_gpu else _largest_tp(most, layout.cpus_per_worker, 1)}. Lower tensor_parallel_size "
+        "or cpus_per_worker, or add a larger node.")
+
+
+def _largest_tp(cpus: float, share: float, groups: int) -> str:
+    """', so at most tensor_parallel_size=N fits' for `groups` TP groups of `share`-CPU workers in `cpus`."""
+    most = math.floor((cpus + RESOURCE_QUANTUM / 2) / share) // groups
+    return f", so at most tensor_parallel_size={most} fits" if most >= 1 else ""
 
 
 def _num(x: float) -> str:
