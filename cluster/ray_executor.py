@@ -2,7 +2,7 @@
 
 Start-up (`_start`) is numbered steps; each fails with a message that says what to change:
 
-    1 validate   the layout against the model's config.json (heads divisible by T, layers >= P)
+    1 validate   the layout against the model's config.json (T <= attention heads, layers >= P)
     2 connect    join `address` / RAY_ADDRESS, or start a local Ray on 127.0.0.1
     3 resources  enough CPUs (and GPUs) free for every worker, a TP group fits one node
     4 placement  one placement group per (replica, stage), reserved within a deadline

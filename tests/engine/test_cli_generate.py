@@ -22,6 +22,6 @@ def test_generate_json_output_equals_transformers(tiny_llama_gqa_dir, capsys):
 
 
 def test_generate_bad_layout_is_one_line_error(tiny_llama_gqa_dir, capsys):
-    assert main(["generate", "--model", str(tiny_llama_gqa_dir), "--tp", "3", "hello"]) == 2
+    assert main(["generate", "--model", str(tiny_llama_gqa_dir), "--tp", "9", "hello"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("shardline: error: tensor_parallel_size=3 does not divide") and "\n" not in err
+    assert err.startswith("shardline: error: tensor_parallel_size=9 exceeds num_attention_heads=8") and "\n" not in err
