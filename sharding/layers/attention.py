@@ -62,8 +62,9 @@ class PagedAttention(nn.Module):
         if len(self.kv_map) != num_heads or not set(self.kv_map) <= set(range(num_kv_heads)):
             raise ValueError(f"kv_map={kv_map} must give one of {num_kv_heads} KV heads for each of {num_heads} heads")
         # None: SDPA's grouped mapping is right; else the index that expands K/V per query head
+        # (a tuple: the module is built on the meta device, where a tensor would hold no data)
         even = num_heads % num_kv_heads == 0 and self.kv_map == uniform
-        self.expand = None if even else torch.tensor(self.kv_map)
+        self.expand = None if even else self.kv_map
 
     def forward(self, q, k, v, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, KV, D]; kv_cache: [2, blocks, block_size, KV, D]
@@ -90,7 +91,7 @@ class PagedAttention(nn.Module):
             qp = q.new_zeros(batch, g.max_q, self.num_heads, self.head_dim)
             qp[g.q_seq, g.q_off] = q
         if self.expand is not None:   # non-uniform groups: one K/V per query head
-            index = self.expand.to(keys.device)
+            index = torch.tensor(self.expand, device=keys.device)
             keys, values = keys.index_select(1, index), values.index_select(1, index)
         out = F.scaled_dot_product_attention(qp.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype),
                                              attn_mask=g.mask, scale=self.scale,
