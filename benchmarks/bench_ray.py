@@ -1,13 +1,17 @@
-"""Ray layouts against a single rank: decode step time of PP=2 and TP=2, and start-up time.
+"""Ray layouts against a single rank: decode step time of PP=2 and TP=2/3/4, and start-up time.
 
-Same run, two models: the bundled SmolLM2 (9 heads, so TP=2 is not a valid layout and is
-reported as such) and a tiny random Llama with 8 heads (tests/fixtures/tiny_models.py). For each
-model every layout is started once and kept alive, then measured in interleaved rounds:
+Same run, two models: the bundled SmolLM2 (9 heads, 3 KV heads: TP=2 and TP=4 are uneven
+layouts, TP=3 an even one) and a tiny random Llama with 8 heads (tests/fixtures/tiny_models.py).
+For each model every layout is started once and kept alive, then measured in interleaved rounds:
 
 - single: `LLM(model)`, one rank in this process, 2 torch threads (--threads);
 - PP=2:   `LLM(model, pipeline_parallel_size=2)`, two Ray workers of 1 CPU = 1 thread each;
   the engine splits each step's batch into 2 micro-batches so both stages have work;
-- TP=2:   `LLM(model, tensor_parallel_size=2)`, two Ray workers of 1 thread each.
+- TP=T:   `LLM(model, tensor_parallel_size=T)`, T Ray workers of 1 thread each (with more
+  workers than cores, TP=3 and TP=4 share the cores: compare them on a machine with >= T cores).
+
+Each layout's imbalance (the `ShardPlan`'s max / mean per-rank FLOPs and KV bytes) is reported
+next to its step time.
 
 Step time: B requests with --prompt-len-token prompts are prefilled and decoded a few steps
 (untimed), then rounds of --steps engine steps (each gives every sequence one token) are timed,
@@ -19,6 +23,7 @@ time is reported separately.
 
     python benchmarks/bench_ray.py                    # both models, batches 1 32 64
     python benchmarks/bench_ray.py --quick            # tiny model only, batches 1 4
+    python benchmarks/bench_ray.py --models smollm2 --layouts TP=2 TP=3 --batches 1 16   # uneven vs even
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from benchmarks import common  # noqa: E402  (first: it sets OpenMP's wait polic
 # isort: on
 from benchmarks.workload import same_length_prompts  # noqa: E402
 
-LAYOUTS = {"single": (1, 1), "PP=2": (1, 2), "TP=2": (2, 1)}   # name -> (tp, pp)
+LAYOUTS = {"single": (1, 1), "PP=2": (1, 2), "TP=2": (2, 1), "TP=3": (3, 1), "TP=4": (4, 1)}   # name -> (tp, pp)
 
 
 def start_ray(num_cpus: int) -> float:
@@ -110,12 +115,13 @@ class DecodeRun:
 
 def bench_model(name: str, model: str, args) -> dict:
     from sharding.plan import LayoutError, check_layout
-    llms, startup, invalid = {}, {}, {}
+    llms, startup, invalid, imbalance = {}, {}, {}, {}
     for layout, (tp, pp) in LAYOUTS.items():
         if layout not in args.layouts and layout != "single":
             continue
         try:
-            check_layout(model, tp, pp)
+            imb = check_layout(model, tp, pp).imbalance()
+            imbalance[layout] = {"flops": imb.flops, "kv_bytes": imb.kv_bytes}
         except LayoutError as e:
             invalid[layout] = str(e).split(";")[0]
             continue
@@ -134,14 +140,15 @@ def bench_model(name: str, model: str, args) -> dict:
     finally:
         for llm in llms.values():
             llm.shutdown()
-    return {"model": name, "path": model, "step_s": steps, "startup_s": startup, "invalid": invalid}
+    return {"model": name, "path": model, "step_s": steps, "startup_s": startup, "invalid": invalid,
+            "imbalance": imbalance}
 
 
 def tables(results: list[dict], ray_start_s: float, args) -> str:
     out = ["## Ray layouts against a single rank (bench_ray.py)", "",
            f"Decode step time (every sequence gets one token), {args.prompt_len}-token prompts, median of "
            f"{args.reps} interleaved rounds of {args.steps} steps. single = one rank in-process with "
-           f"{args.threads} threads; PP=2 / TP=2 = two Ray workers with 1 thread each. Ratio = single / layout "
+           f"{args.threads} threads; PP=2 / TP=T = 2 / T Ray workers with 1 thread each. Ratio = single / layout "
            f"(above 1: the layout is faster). {common.machine_line()}.", ""]
     for r in results:
         layouts = [lay for lay in LAYOUTS if lay in args.layouts or lay == "single"]
@@ -154,7 +161,10 @@ def tables(results: list[dict], ray_start_s: float, args) -> str:
         out += [f"### {r['model']}", "", common.markdown_table(headers, rows), ""]
         for lay, why in r["invalid"].items():
             out.append(f"{lay} is not a valid layout for {r['model']}: {why}.")
-        out.append("")
+        imb = r.get("imbalance", {})
+        out += ["", "Imbalance (max / mean over ranks; 1 = even):", "",
+                common.markdown_table(["layout", "FLOPs", "KV bytes"],
+                                      [(lay, v["flops"], v["kv_bytes"]) for lay, v in imb.items()]), ""]
     out += ["### Start-up: LLM(...) to the first token", "",
             f"Ray was started once up front in {ray_start_s:.1f} s (not included below), with "
             f"RAY_worker_niceness={os.environ.get('RAY_worker_niceness')}.", ""]
@@ -168,7 +178,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--model", help="real model folder (default: the bundled SmolLM2, converted once)")
     ap.add_argument("--models", nargs="+", default=["smollm2", "tiny"], choices=["smollm2", "tiny"])
-    ap.add_argument("--layouts", nargs="+", default=["PP=2", "TP=2"], choices=["PP=2", "TP=2"])
+    ap.add_argument("--layouts", nargs="+", default=["PP=2", "TP=2", "TP=3"],
+                    choices=[lay for lay in LAYOUTS if lay != "single"])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 64])
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--steps", type=int, default=8, help="engine steps per timed round (default: 8)")
@@ -188,8 +199,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     common.set_threads(args.threads)
     print(common.machine_line(), file=sys.stderr)
-    # every Ray layout stays alive during the interleaved rounds: 2 workers x 1 logical CPU each
-    ray_start_s = start_ray(num_cpus=2 * len(args.layouts))
+    # every Ray layout stays alive during the interleaved rounds: tp x pp workers x 1 logical CPU each
+    ray_start_s = start_ray(num_cpus=sum(LAYOUTS[lay][0] * LAYOUTS[lay][1] for lay in args.layouts))
     results = []
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import pathlib
 import time
@@ -38,6 +39,8 @@ from scheduler.errors import (
 )
 from scheduler.request import RequestOutput
 from scheduler.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MODEL_LEN = 4096
 """`max_model_len=None` means min(the model's max_position_embeddings, this)."""
@@ -89,6 +92,8 @@ class LLM:
         self._hf_tokenizer = None
         # 4. the ranks, then the engine
         self.executor = self._make_executor(self.config, address)
+        if getattr(self.executor, "plan", None) is not None:   # the layout and its imbalance, in the log
+            logger.info("shard plan:\n%s", self.executor.plan.describe())
         try:
             self.engine = LLMEngine(self.config, self.executor, self.tokenizer, self.eos_token_ids, max_model_len)
         except BaseException:

@@ -23,6 +23,7 @@ class LocalExecutor:
         self.config = config
         self.groups = init_single_rank()
         self.runner = ModelRunner(config, self.groups)
+        self.plan = self.runner.plan
         self.num_replicas = 1
         self.max_in_flight = 1
         self.num_kv_blocks = self.runner.num_kv_blocks

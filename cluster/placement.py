@@ -196,7 +196,8 @@ def check_resources(layout: Layout, available: dict, node_totals: list[dict] | N
     if need_cpu > free_cpu + RESOURCE_QUANTUM / 2:
         raise ResourceError(
             f"layout {layout} needs {n} workers x {_num(share)} CPU = {_num(need_cpu)} CPU; the cluster has "
-            f"{_num(free_cpu)} CPU free. Use fewer workers, lower cpus_per_worker, or add nodes.")
+            f"{_num(free_cpu)} CPU free{_largest_tp(free_cpu, share, layout.pp * layout.dp)}. Use fewer workers, "
+            "lower cpus_per_worker, or add nodes.")
 
 
 def check_fits_a_node(layout: Layout, node_totals: list[dict]) -> None:
@@ -220,10 +221,74 @@ def check_fits_a_node(layout: Layout, node_totals: list[dict]) -> None:
     else:
         has = f"the largest node has {_num(most)} CPU"
     raise ResourceError(
-        f"layout {layout}: a tensor-parallel group must share one node and needs {what} there; {has}. "
-        "Lower tensor_parallel_size or cpus_per_worker, or add a larger node.")
+        f"layout {layout}: a tensor-parallel group must share one node and needs {what} there; {has}"
+        f"{'' if layout.use_gpu else _largest_tp(most, layout.cpus_per_worker, 1)}. Lower tensor_parallel_size "
+        "or cpus_per_worker, or add a larger node.")
+
+
+def _largest_tp(cpus: float, share: float, groups: int) -> str:
+    """', so at most tensor_parallel_size=N fits' for `groups` TP groups of `share`-CPU workers in `cpus`."""
+    most = math.floor((cpus + RESOURCE_QUANTUM / 2) / share) // groups
+    return f", so at most tensor_parallel_size={most} fits" if most >= 1 else ""
 
 
 def _num(x: float) -> str:
     """1.0 -> '1.0', 0.6666 -> '0.6666', 2 -> '2'."""
     return str(round(x, 4))
+
+
+# ------------------------------------------------------------------ layer_split="auto"
+
+def stage_memory(stage_nodes: dict[tuple[int, int], str], node_memory: dict[str, float], pp: int
+                 ) -> list[float] | None:
+    """Memory each pipeline stage may use, from the node its placement group landed on.
+
+    `stage_nodes` maps (replica, stage) to a node id; a node's memory is shared by the groups
+    on it, and a stage gets the least it has in any replica (one split serves all replicas).
+    None when every group is on one node: then the stages are equal and `split_layers_by_memory`
+    is not needed.
+
+    >>> stage_memory({(0, 0): "big", (0, 1): "small"}, {"big": 16e9, "small": 8e9}, pp=2)
+    [16000000000.0, 8000000000.0]
+    >>> stage_memory({(0, 0): "a", (0, 1): "a"}, {"a": 16e9}, pp=2) is None
+    True
+    """
+    if len(set(stage_nodes.values())) <= 1:
+        return None
+    sharing = {n: list(stage_nodes.values()).count(n) for n in set(stage_nodes.values())}
+    return [min(float(node_memory[n]) / sharing[n] for (_, s), n in stage_nodes.items() if s == stage)
+            for stage in range(pp)]
+
+
+def split_layers_by_memory(layer_bytes: list[int], stage_memory: list[float], first_extra: int = 0,
+                           last_extra: int = 0) -> tuple[int, ...]:
+    """Contiguous layers per stage that minimise the largest fraction of a stage's memory used.
+
+    Stage 0 also holds `first_extra` bytes (embeddings), the last stage `last_extra` (LM head).
+    Every stage gets at least one layer. Exact (dynamic programming over cut points).
+
+    >>> split_layers_by_memory([1] * 10, [2.0, 1.0])       # twice the memory, about twice the layers
+    (7, 3)
+    >>> split_layers_by_memory([1] * 10, [1.0, 1.0], first_extra=4)   # the embedding weighs 4 layers
+    (3, 7)
+    """
+    n, pp = len(layer_bytes), len(stage_memory)
+    if not 1 <= pp <= n:
+        raise ValueError(f"cannot split {n} layers into {pp} stages of at least one layer")
+    prefix = [0]
+    for b in layer_bytes:
+        prefix.append(prefix[-1] + b)
+
+    def load(stage: int, lo: int, hi: int) -> float:   # stage holds layers [lo, hi)
+        extra = (first_extra if stage == 0 else 0) + (last_extra if stage == pp - 1 else 0)
+        return (prefix[hi] - prefix[lo] + extra) / stage_memory[stage]
+
+    # best[s][i]: (worst load, cuts) placing layers [0, i) on stages [0, s]
+    best = [{i: (load(0, 0, i), (i,)) for i in range(1, n - pp + 2)}]
+    for s in range(1, pp):
+        row = {}
+        for i in range(s + 1, n - pp + s + 2):
+            row[i] = min(((max(w, load(s, j, i)), (*cuts, i - j)) for j, (w, cuts) in best[-1].items() if j < i),
+                         key=lambda t: t[0])
+        best.append(row)
+    return best[-1][n][1]

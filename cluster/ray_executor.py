@@ -2,7 +2,7 @@
 
 Start-up (`_start`) is numbered steps; each fails with a message that says what to change:
 
-    1 validate   the layout against the model's config.json (heads divisible by T, layers >= P)
+    1 validate   the layout against the model's config.json (T <= attention heads, layers >= P)
     2 connect    join `address` / RAY_ADDRESS, or start a local Ray on 127.0.0.1
     3 resources  enough CPUs (and GPUs) free for every worker, a TP group fits one node
     4 placement  one placement group per (replica, stage), reserved within a deadline
@@ -51,6 +51,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.layer_split import plan_for, resolve_layer_split
 from cluster.placement import (
     GroupSpec,
     Layout,
@@ -148,8 +149,10 @@ class RayExecutor:
                     self.num_kv_blocks)
 
     def _start_replicas(self, replicas: list[int]) -> None:
-        # 4. placement groups, bounded wait
+        # 4. placement groups, bounded wait; layer_split="auto" is sized for the nodes they landed on
         self._reserve_placement_groups(replicas)
+        self.config = resolve_layer_split(self.config, self.groups)
+        self.plan = plan_for(self.config)
         # 5. one actor per rank, pinned to its bundle
         self._spawn_workers(replicas)
         # 6 + 7. rendezvous on an ephemeral port; each rank loads only its shard

@@ -48,8 +48,10 @@ class EngineConfig:
     """Reuse full KV blocks whose token prefix was already computed."""
     seed: int = 0
     """Seed for requests that do not carry their own."""
-    layer_split: tuple[int, ...] | None = None
-    """Layers per pipeline stage (must sum to num_hidden_layers); None balances them."""
+    layer_split: tuple[int, ...] | str | None = "auto"
+    """Layers per pipeline stage: a tuple (summing to num_hidden_layers), None (equal counts), or
+    "auto" (on a multi-node cluster, sized from the layers' bytes and each stage's node memory;
+    equal counts when every stage shares one node)."""
     collective_timeout_s: float = 120.0
     """Deadline for rendezvous and every collective, so a dead peer never hangs a rank."""
     max_logprobs: int = 20
@@ -92,7 +94,7 @@ class EngineConfig:
         check_bool("enable_prefix_caching", self.enable_prefix_caching, type_err=ConfigTypeError)
         check_int("seed", self.seed, lo=INT64_MIN, hi=INT64_MAX, hint="a 64-bit signed integer", **_ERR)
         check_int("max_logprobs", self.max_logprobs, lo=0, **_ERR)
-        if self.layer_split is not None:
+        if self.layer_split is not None and self.layer_split != "auto":
             self._check_layer_split()
         positive = ("> 0", lambda v: v > 0)
         for name in ("collective_timeout_s", "connect_timeout_s", "placement_timeout_s"):
@@ -106,12 +108,12 @@ class EngineConfig:
 
     def _check_layer_split(self) -> None:
         split = self.layer_split
-        if not isinstance(split, (list, tuple)):
-            raise ConfigTypeError(f"layer_split={show(split)} must be a list of layers per stage, e.g. (3, 1), "
-                                  f"not {type(split).__name__}", "layer_split", split)
-        for n in split:
-            check_int("layer_split", n, lo=1, hint=f"a positive number of layers per stage (got {show(split)})",
-                      **_ERR)
+        ok = isinstance(split, (list, tuple)) and len(split) > 0 and all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in split)
+        if not ok:
+            err = ConfigError if isinstance(split, (list, tuple)) else ConfigTypeError
+            raise err(f"layer_split={show(split)} must be \"auto\", None, or a tuple of positive layer counts per "
+                      "pipeline stage, e.g. (16, 14)", "layer_split", split)
         object.__setattr__(self, "layer_split", tuple(split))   # frozen: normalize a list once, here
 
     @property

@@ -156,12 +156,21 @@ def tp_all_reduce(x: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
     return x
 
 
-def tp_all_gather_last_dim(x: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
-    """[..., n] on each TP rank -> [..., n * tp] in TP-rank order on every rank."""
+def tp_all_gather_last_dim(x: torch.Tensor, groups: ParallelGroups, sizes: tuple[int, ...] | None = None
+                           ) -> torch.Tensor:
+    """[..., sizes[r]] on TP rank r -> [..., sum(sizes)] in TP-rank order on every rank.
+
+    gloo's all_gather needs equal shapes, so unequal shards are padded to the largest and
+    trimmed after. `sizes` None means every rank has x's size.
+    """
     if groups.tp_size == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(groups.tp_size)]
-    dist.all_gather(parts, x.contiguous(), group=groups.tp_group)
+    width = max(sizes) if sizes else x.shape[-1]
+    padded = x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+    parts = [torch.empty_like(padded) for _ in range(groups.tp_size)]
+    dist.all_gather(parts, padded.contiguous(), group=groups.tp_group)
+    if sizes:
+        parts = [p[..., :n] for p, n in zip(parts, sizes, strict=True)]
     return torch.cat(parts, dim=-1)
 
 

@@ -48,11 +48,13 @@ def max_model_len_for(config: EngineConfig, hf_config) -> int:
 
 
 def num_kv_blocks_for(config: EngineConfig, plan: ShardPlan, hf_config) -> int:
-    """KV blocks per replica, the same on every rank (the stage with the most layers decides)."""
+    """KV blocks per replica, the same on every rank: the stage with the most layers and the TP
+    rank with the most KV heads decide (ranks may hold unequal numbers of KV heads)."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     itemsize = torch.empty(0, dtype=DTYPES[config.dtype]).element_size()
-    per_block = 2 * max(plan.layer_counts) * config.block_size * plan.kv_heads_per_rank * plan.dims.head_dim * itemsize
+    per_block = (2 * max(plan.layer_counts) * config.block_size * plan.max_kv_heads_per_rank * plan.dims.head_dim
+                 * itemsize)
     budget = config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
     # more than every sequence at full length would never be used
     useful = config.max_num_seqs * math.ceil(max_model_len_for(config, hf_config) / config.block_size) + 1
@@ -88,7 +90,8 @@ class ModelRunner:
         self.dtype = DTYPES[config.dtype]
         self.num_kv_blocks = num_kv_blocks_for(config, self.plan, self.hf_config)
         self.block_size = config.block_size
-        shape = (2, self.num_kv_blocks, config.block_size, self.plan.kv_heads_per_rank, self.plan.dims.head_dim)
+        kv_heads = len(self.plan.kv_heads(groups.tp_rank))   # this rank's own, replicated ones included
+        shape = (2, self.num_kv_blocks, config.block_size, kv_heads, self.plan.dims.head_dim)
         # zeros, not empty: masked slots are multiplied by 0 and must not hold NaN garbage
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=groups.device)
                           for _ in self.plan.layers(groups.pp_rank)]

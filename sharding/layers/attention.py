@@ -41,12 +41,30 @@ class AttentionMetadata:
 
 
 class PagedAttention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    """`kv_map[i]`: which of this rank's KV heads its i-th query head attends with.
+
+    When every KV head serves the same number of consecutive query heads, SDPA's `enable_gqa`
+    does the mapping. An uneven TP split can break that (a rank holding query heads 5 and 6 of
+    a 3-per-group model has KV heads 1 and 2, one query head each, but query heads 3 and 4 on
+    another rank both use KV head 1): then keys and values are expanded to one per query head.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 kv_map: tuple[int, ...] | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        group = max(1, num_heads // num_kv_heads)
+        uniform = tuple(min(i // group, num_kv_heads - 1) for i in range(num_heads))
+        self.kv_map = uniform if kv_map is None else tuple(kv_map)
+        if len(self.kv_map) != num_heads or not set(self.kv_map) <= set(range(num_kv_heads)):
+            raise ValueError(f"kv_map={kv_map} must give one of {num_kv_heads} KV heads for each of {num_heads} heads")
+        # None: SDPA's grouped mapping is right; else the index that expands K/V per query head
+        # (a tuple: the module is built on the meta device, where a tensor would hold no data)
+        even = num_heads % num_kv_heads == 0 and self.kv_map == uniform
+        self.expand = None if even else self.kv_map
 
     def forward(self, q, k, v, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, KV, D]; kv_cache: [2, blocks, block_size, KV, D]
@@ -72,9 +90,12 @@ class PagedAttention(nn.Module):
         else:              # queries: [B, max_q, H, D]; padding rows are zero and attend to slot 0 only
             qp = q.new_zeros(batch, g.max_q, self.num_heads, self.head_dim)
             qp[g.q_seq, g.q_off] = q
+        if self.expand is not None:   # non-uniform groups: one K/V per query head
+            index = torch.tensor(self.expand, device=keys.device)
+            keys, values = keys.index_select(1, index), values.index_select(1, index)
         out = F.scaled_dot_product_attention(qp.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype),
                                              attn_mask=g.mask, scale=self.scale,
-                                             enable_gqa=self.num_heads != self.num_kv_heads)
+                                             enable_gqa=keys.shape[1] != self.num_heads)
         # back to [T_g, H, D]
         out = out.transpose(1, 2)
         return out.reshape(batch, self.num_heads, self.head_dim) if g.max_q == 1 else out[g.q_seq, g.q_off]

@@ -1,4 +1,8 @@
-"""Vocabulary-parallel embedding and LM head: each TP rank owns a contiguous block of rows."""
+"""Vocabulary-parallel embedding and LM head: each TP rank owns a contiguous block of rows.
+
+The blocks come from the `ShardPlan` and may differ in size between ranks (by one alignment
+block); the LM head's gather pads to the largest and trims.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +15,23 @@ from sharding.layers.linear import WeightShapeError, copy_checked
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows [start, end) of the (padded) vocabulary; other ids contribute zeros, then all-reduce."""
+    """Rows [start, end) of the (padded) vocabulary; other ids contribute zeros, then all-reduce.
 
-    def __init__(self, vocab_size: int, padded_vocab_size: int, hidden: int, groups: ParallelGroups):
+    `shard_sizes` holds every TP rank's row count, in rank order; this rank's rows follow the
+    earlier ranks' (the plan's `vocab_rows`).
+    """
+
+    def __init__(self, vocab_size: int, shard_sizes: tuple[int, ...], hidden: int, groups: ParallelGroups):
         super().__init__()
+        if len(shard_sizes) != groups.tp_size:
+            raise ValueError(f"{len(shard_sizes)} vocabulary shard sizes for tensor_parallel_size={groups.tp_size}")
         self.groups = groups
         self.vocab_size = vocab_size
         self.hidden = hidden
-        per = padded_vocab_size // groups.tp_size
-        self.start = groups.tp_rank * per
-        self.end = self.start + per
-        self.weight = nn.Parameter(torch.empty(per, hidden), requires_grad=False)
+        self.shard_sizes = tuple(shard_sizes)
+        self.start = sum(shard_sizes[:groups.tp_rank])
+        self.end = self.start + shard_sizes[groups.tp_rank]
+        self.weight = nn.Parameter(torch.empty(self.end - self.start, hidden), requires_grad=False)
 
     def weight_loader(self, param, sl, name, shard_id=None) -> int:
         shape = sl.get_shape()
@@ -53,7 +63,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [n, hidden] -> local logits [n, vocab/tp] -> all-gather -> [n, vocab]
+        # hidden: [n, hidden] -> local logits [n, rows of this rank] -> all-gather -> [n, vocab]
         local = F.linear(hidden, self.weight)
-        logits = tp_all_gather_last_dim(local, self.groups)
+        logits = tp_all_gather_last_dim(local, self.groups, self.shard_sizes)
         return logits[:, : self.vocab_size]

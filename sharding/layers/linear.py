@@ -90,55 +90,57 @@ class ColumnParallelLinear(LinearBase):
     """Y = X A with A split by columns (output features); each rank keeps its own Y slice.
 
     `output_sizes` lists the logical sub-matrices fused in one checkpoint tensor or merged here
-    (e.g. [gate, up]); each is split across ranks separately so every rank gets a piece of each.
+    (e.g. [gate, up]); `output_ranges` gives this rank's rows of each (from the `ShardPlan`, so
+    ranks may own unequal shares). The local weight is the ranges' rows stacked in order.
     """
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool, groups: ParallelGroups,
-                 transposed: bool = False):
-        tp = groups.tp_size
-        for size in output_sizes:
-            if size % tp:
-                raise WeightShapeError(f"output size {size} is not divisible by tensor_parallel_size={tp}")
+    def __init__(self, in_features: int, output_sizes: list[int], output_ranges: list[range], bias: bool,
+                 groups: ParallelGroups, transposed: bool = False):
+        if len(output_ranges) != len(output_sizes):
+            raise ValueError(f"{len(output_ranges)} output ranges for {len(output_sizes)} output sizes")
+        for size, rows in zip(output_sizes, output_ranges):
+            if rows.start < 0 or rows.stop > size:
+                raise WeightShapeError(f"rows {rows} are outside an output of size {size}")
         self.output_sizes = list(output_sizes)
-        super().__init__(in_features, sum(output_sizes) // tp, bias, groups, transposed)
+        self.output_ranges = list(output_ranges)
+        super().__init__(in_features, sum(len(r) for r in output_ranges), bias, groups, transposed)
 
     def _local_offset(self, shard: int) -> int:
-        return sum(self.output_sizes[:shard]) // self.groups.tp_size
-
-    def _rank_rows(self, shard: int) -> range:
-        per = self.output_sizes[shard] // self.groups.tp_size
-        start = self.groups.tp_rank * per
-        return range(start, start + per)
+        return sum(len(r) for r in self.output_ranges[:shard])
 
     def weight_loader(self, param, sl, name, shard_id=None) -> int:
         """shard_id: index into output_sizes, or None for a tensor holding all of them fused."""
         shards = range(len(self.output_sizes)) if shard_id is None else [shard_id]
         total = 0
-        ckpt_offset = 0
         for shard in shards:
-            rows = self._rank_rows(shard)
-            if shard_id is None:   # fused in the checkpoint: shift into this sub-matrix
-                ckpt_offset = sum(self.output_sizes[:shard])
-            rows = range(rows.start + ckpt_offset, rows.stop + ckpt_offset)
-            loaded = read_rows(sl, rows, self.transposed, self.in_features, name)
-            local = self._local_offset(shard)
-            copy_checked(param.data.narrow(0, local, len(rows)), loaded, name)
+            rows = self.output_ranges[shard]
+            # fused in the checkpoint: shift into this sub-matrix
+            offset = sum(self.output_sizes[:shard]) if shard_id is None else 0
+            loaded = read_rows(sl, range(rows.start + offset, rows.stop + offset), self.transposed,
+                               self.in_features, name)
+            copy_checked(param.data.narrow(0, self._local_offset(shard), len(rows)), loaded, name)
             total += loaded.numel() * loaded.element_size()
         return total
 
     def forward(self, x):
-        # x: [tokens, in] -> [tokens, out/tp]; no communication
+        # x: [tokens, in] -> [tokens, out_local]; no communication
         y = self.matmul.apply(self, x)
         return y if self.bias is None else y + self.bias
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """Q, K and V projections merged; each rank owns whole heads (and whole KV heads, for GQA)."""
+    """Q, K and V projections merged; a rank owns its query heads and the KV heads they use.
 
-    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
-                 groups: ParallelGroups, transposed: bool = False):
+    With more ranks than KV heads a KV head may be read by several ranks (replicated).
+    """
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, heads: range,
+                 kv_heads: range, bias: bool, groups: ParallelGroups, transposed: bool = False):
+        def rows(r: range) -> range:
+            return range(r.start * head_dim, r.stop * head_dim)
+
         super().__init__(hidden, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
-                         bias, groups, transposed)
+                         [rows(heads), rows(kv_heads), rows(kv_heads)], bias, groups, transposed)
 
     SHARDS = {"q": 0, "k": 1, "v": 2}
 
@@ -147,15 +149,19 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    """Y = X A with A split by rows (input features); partial sums are all-reduced."""
+    """Y = X A with A split by rows (input features); partial sums are all-reduced.
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, groups: ParallelGroups,
-                 transposed: bool = False):
-        if in_features % groups.tp_size:
-            raise WeightShapeError(f"input size {in_features} is not divisible by "
-                                   f"tensor_parallel_size={groups.tp_size}")
+    `input_range` is this rank's slice of the input features (unequal shares are fine: the
+    all-reduce sums full output vectors whatever each rank's share was).
+    """
+
+    def __init__(self, in_features: int, out_features: int, input_range: range, bias: bool,
+                 groups: ParallelGroups, transposed: bool = False):
+        if input_range.start < 0 or input_range.stop > in_features:
+            raise WeightShapeError(f"input range {input_range} is outside an input of size {in_features}")
         self.full_in = in_features
-        super().__init__(in_features // groups.tp_size, out_features, bias, groups, transposed)
+        self.input_range = input_range
+        super().__init__(len(input_range), out_features, bias, groups, transposed)
 
     def weight_loader(self, param, sl, name, shard_id=None) -> int:
         if param.dim() == 1:   # bias: whole, added once after the all-reduce
@@ -165,14 +171,12 @@ class RowParallelLinear(LinearBase):
             out_dim = shape[1] if self.transposed else shape[0]
             if out_dim != self.out_features:
                 raise WeightShapeError(f"{name}: has shape {shape}, expected output dimension {self.out_features}")
-            per = self.in_features
-            cols = range(self.groups.tp_rank * per, (self.groups.tp_rank + 1) * per)
-            loaded = read_cols(sl, cols, self.transposed, name)
+            loaded = read_cols(sl, self.input_range, self.transposed, name)
         copy_checked(param, loaded, name)
         return loaded.numel() * loaded.element_size()
 
     def forward(self, x):
-        # x: [tokens, in/tp] -> partial [tokens, out]; sum the partials across the TP group
+        # x: [tokens, in_local] -> partial [tokens, out]; sum the partials across the TP group
         y = self.matmul.apply(self, x)
         y = tp_all_reduce(y, self.groups)
         return y if self.bias is None else y + self.bias

@@ -28,10 +28,13 @@ class GPT2Attention(nn.Module):
     def __init__(self, cfg, plan: ShardPlan, groups: ParallelGroups, layer_idx: int):
         super().__init__()
         d = plan.dims
-        self.heads, self.head_dim = plan.heads_per_rank, d.head_dim
-        self.c_attn = QKVParallelLinear(d.hidden_size, d.head_dim, d.num_heads, d.num_heads, True, groups,
-                                        transposed=True)
-        self.c_proj = RowParallelLinear(d.hidden_size, d.hidden_size, True, groups, transposed=True)
+        share = plan.share(groups.tp_rank)   # no GQA: KV heads are the query heads
+        self.heads, self.head_dim = len(share.heads), d.head_dim
+        self.c_attn = QKVParallelLinear(d.hidden_size, d.head_dim, d.num_heads, d.num_heads, share.heads,
+                                        share.kv_heads, True, groups, transposed=True)
+        self.c_proj = RowParallelLinear(d.hidden_size, d.hidden_size,
+                                        range(share.heads.start * d.head_dim, share.heads.stop * d.head_dim),
+                                        True, groups, transposed=True)
         scale = d.head_dim ** -0.5 if getattr(cfg, "scale_attn_weights", True) else 1.0
         if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
             scale /= layer_idx + 1
@@ -46,8 +49,9 @@ class GPT2MLP(nn.Module):
     def __init__(self, cfg, plan: ShardPlan, groups: ParallelGroups):
         super().__init__()
         d = plan.dims
-        self.c_fc = ColumnParallelLinear(d.hidden_size, [d.intermediate_size], True, groups, transposed=True)
-        self.c_proj = RowParallelLinear(d.intermediate_size, d.hidden_size, True, groups, transposed=True)
+        cols = plan.columns(groups.tp_rank)
+        self.c_fc = ColumnParallelLinear(d.hidden_size, [d.intermediate_size], [cols], True, groups, transposed=True)
+        self.c_proj = RowParallelLinear(d.intermediate_size, d.hidden_size, cols, True, groups, transposed=True)
         if getattr(cfg, "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"activation_function={cfg.activation_function!r} is not supported for GPT-2; "
                              "supported: gelu_new, gelu_pytorch_tanh")
@@ -77,7 +81,7 @@ class GPT2Body(nn.Module):
         super().__init__()
         d = plan.dims
         if plan.is_first(groups.pp_rank):
-            self.wte = VocabParallelEmbedding(d.vocab_size, plan.padded_vocab_size, d.hidden_size, groups)
+            self.wte = VocabParallelEmbedding(d.vocab_size, plan.vocab_shard_sizes, d.hidden_size, groups)
             # positions are few: every rank keeps all of them
             self.wpe = nn.Parameter(torch.empty(cfg.n_positions, d.hidden_size), requires_grad=False)
         self.h = nn.ModuleDict({str(i): GPT2Block(cfg, plan, groups, i) for i in plan.layers(groups.pp_rank)})
@@ -97,7 +101,7 @@ class GPT2Stage(nn.Module):
         self.transformer = GPT2Body(cfg, plan, groups)
         if plan.is_last(groups.pp_rank):
             d = plan.dims
-            self.lm_head = ParallelLMHead(d.vocab_size, plan.padded_vocab_size, d.hidden_size, groups)
+            self.lm_head = ParallelLMHead(d.vocab_size, plan.vocab_shard_sizes, d.hidden_size, groups)
 
     def checkpoint_names(self, param_name: str) -> list[tuple[str, object]]:
         if param_name == "lm_head.weight":   # GPT-2 always ties its head to wte

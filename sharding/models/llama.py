@@ -24,12 +24,16 @@ class LlamaAttention(nn.Module):
         super().__init__()
         d = plan.dims
         bias = bool(getattr(cfg, "attention_bias", False)) or d.model_type == "qwen2"
-        self.heads, self.kv_heads, self.head_dim = plan.heads_per_rank, plan.kv_heads_per_rank, d.head_dim
-        self.qkv_proj = QKVParallelLinear(d.hidden_size, d.head_dim, d.num_heads, d.num_kv_heads, bias, groups)
+        share = plan.share(groups.tp_rank)
+        self.heads, self.kv_heads, self.head_dim = len(share.heads), len(share.kv_heads), d.head_dim
+        self.qkv_proj = QKVParallelLinear(d.hidden_size, d.head_dim, d.num_heads, d.num_kv_heads, share.heads,
+                                          share.kv_heads, bias, groups)
         self.o_proj = RowParallelLinear(d.num_heads * d.head_dim, d.hidden_size,
+                                        range(share.heads.start * d.head_dim, share.heads.stop * d.head_dim),
                                         bool(getattr(cfg, "attention_bias", False)), groups)
         self.rotary = rotary
-        self.attn = PagedAttention(self.heads, self.kv_heads, d.head_dim, d.head_dim ** -0.5)
+        self.attn = PagedAttention(self.heads, self.kv_heads, d.head_dim, d.head_dim ** -0.5,
+                                   plan.kv_map(groups.tp_rank))
 
     def forward(self, x, kv_cache, meta: AttentionMetadata):
         # x: [T, hidden] -> qkv: [T, (H + 2 KV) * D / tp]
@@ -47,8 +51,9 @@ class LlamaMLP(nn.Module):
         super().__init__()
         d = plan.dims
         bias = bool(getattr(cfg, "mlp_bias", False))
-        self.gate_up_proj = ColumnParallelLinear(d.hidden_size, [d.intermediate_size] * 2, bias, groups)
-        self.down_proj = RowParallelLinear(d.intermediate_size, d.hidden_size, bias, groups)
+        cols = plan.columns(groups.tp_rank)
+        self.gate_up_proj = ColumnParallelLinear(d.hidden_size, [d.intermediate_size] * 2, [cols] * 2, bias, groups)
+        self.down_proj = RowParallelLinear(d.intermediate_size, d.hidden_size, cols, bias, groups)
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported for Llama-family models; only silu")
 
@@ -79,7 +84,7 @@ class LlamaBody(nn.Module):
         d = plan.dims
         pp_rank = groups.pp_rank
         if plan.is_first(pp_rank):
-            self.embed_tokens = VocabParallelEmbedding(d.vocab_size, plan.padded_vocab_size, d.hidden_size, groups)
+            self.embed_tokens = VocabParallelEmbedding(d.vocab_size, plan.vocab_shard_sizes, d.hidden_size, groups)
         # keyed by global layer index, so parameter names match the checkpoint's
         self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(cfg, plan, groups, rotary)
                                      for i in plan.layers(pp_rank)})
@@ -100,7 +105,7 @@ class LlamaStage(nn.Module):
         self.model = LlamaBody(cfg, plan, groups, self.rotary)
         if plan.is_last(groups.pp_rank):
             d = plan.dims
-            self.lm_head = ParallelLMHead(d.vocab_size, plan.padded_vocab_size, d.hidden_size, groups)
+            self.lm_head = ParallelLMHead(d.vocab_size, plan.vocab_shard_sizes, d.hidden_size, groups)
 
     def checkpoint_names(self, param_name: str) -> list[tuple[str, object]]:
         """Checkpoint tensors feeding one of our parameters, with the shard id for each."""

@@ -47,6 +47,7 @@ def run_and_compare(model_dir, tp: int, pp: int, dp: int, address: str, prompts,
     with LLM(str(model_dir), tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp,
              address=address, **kwargs) as llm:
         got = generate_greedy(llm, prompts, max_tokens)
-        info = {"node_ids": dict(llm.executor.node_ids), "num_kv_blocks": llm.executor.num_kv_blocks}
+        info = {"node_ids": dict(llm.executor.node_ids), "num_kv_blocks": llm.executor.num_kv_blocks,
+                "num_preemptions": llm.engine.num_preemptions}
     assert_matches_hf(model_dir, prompts, max_tokens, got)
     return info

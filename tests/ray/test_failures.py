@@ -46,7 +46,7 @@ def our_live_placement_groups() -> list:
 # -- before Ray: these tests must run before the module's Ray starts (they do not use ray_local)
 
 @pytest.mark.parametrize("tp,pp,match", [
-    (3, 1, "tensor_parallel_size=3"),     # 8 heads: 3 does not divide them
+    (9, 1, "tensor_parallel_size=9 exceeds num_attention_heads=8 .* the largest that works is 8"),
     (1, 5, "pipeline_parallel_size=5"),   # 4 layers: 5 stages is too many
 ])
 def test_impossible_layout_fails_before_ray_starts(tiny_llama_dir, tp, pp, match):

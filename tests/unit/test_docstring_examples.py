@@ -9,9 +9,11 @@ import pytest
 import cluster.placement
 import scheduler.checks
 import sharding.dist
+import sharding.plan
 
 
-@pytest.mark.parametrize("module", [cluster.placement, sharding.dist, scheduler.checks], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [cluster.placement, sharding.dist, sharding.plan, scheduler.checks],
+                         ids=lambda m: m.__name__)
 def test_docstring_examples_hold(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -111,3 +111,10 @@ def test_fractional_shares_do_not_trip_on_rounding():
 def test_missing_gpus_named_before_node_sizes():
     with pytest.raises(ResourceError, match="needs 2 workers x 1 GPU = 2 GPU; the cluster has 0 GPU free"):
         check_resources(Layout(tp=2, pp=1, use_gpu=True, cpus_per_worker=0.5), {"CPU": 2.0}, [{"CPU": 2.0}])
+
+
+def test_resource_errors_name_the_largest_tensor_parallel_size_that_fits():
+    with pytest.raises(ResourceError, match=r"has 3.0 CPU free, so at most tensor_parallel_size=3 fits"):
+        check_resources(Layout(tp=4, pp=2, cpus_per_worker=0.5), {"CPU": 3.0})
+    with pytest.raises(ResourceError, match=r"largest node has 1.5 CPU, so at most tensor_parallel_size=3 fits"):
+        placement.check_fits_a_node(Layout(tp=4, pp=1, cpus_per_worker=0.5), [{"CPU": 1.5}])
