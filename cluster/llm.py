@@ -38,7 +38,7 @@ class LLM:
                  data_parallel_size: int = 1, dtype: str = "float32", max_model_len: int | None = None,
                  max_num_seqs: int = 128, max_num_batched_tokens: int = 2048, kv_cache_memory: int | None = None,
                  num_kv_blocks: int | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
-                 seed: int = 0, address: str | None = None, **kwargs) -> None:
+                 seed: int = 0, address: str | None = None, preflight: bool = True, **kwargs) -> None:
         # 1. the model folder
         path = pathlib.Path(model).expanduser().resolve()
         hf_config = _read_json(path, "config.json", required=True)
@@ -64,7 +64,7 @@ class LLM:
         self.eos_token_ids = _eos_token_ids(path, hf_config)
         self._hf_tokenizer = None
         # 4. the ranks, then the engine
-        self.executor = self._make_executor(self.config, address)
+        self.executor = self._make_executor(self.config, address, preflight)
         try:
             self.engine = LLMEngine(self.config, self.executor, self.tokenizer, self.eos_token_ids, max_model_len)
         except BaseException:
@@ -73,13 +73,23 @@ class LLM:
         self._ids = itertools.count()
 
     @staticmethod
-    def _make_executor(config: EngineConfig, address: str | None):
-        """The one place that picks where the ranks run."""
+    def _make_executor(config: EngineConfig, address: str | None, preflight: bool = True):
+        """The one place that picks where the ranks run (on a multi-node cluster, after the pre-flight check)."""
         if config.world_size * config.data_parallel_size == 1 and address is None:
             from cluster.local_executor import LocalExecutor
             return LocalExecutor(config)
+        from cluster.preflight import preflight_if_multinode
         from cluster.ray_executor import RayExecutor
-        return RayExecutor(config, address=address)
+        joined = preflight_if_multinode(config, address) if preflight else False
+        try:
+            executor = RayExecutor(config, address=address)
+        except BaseException:
+            if joined:   # the pre-flight connected this process; nobody else will disconnect it
+                import ray
+                ray.shutdown()
+            raise
+        executor.started_ray = executor.started_ray or joined   # the pre-flight's connection is the engine's
+        return executor
 
     # -- generation ----------------------------------------------------------------------
 
