@@ -36,11 +36,12 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.placement import Layout, bundles_for, check_resources, default_cpu_share, rank_grid
+from cluster.placement import Layout, ResourceError, bundles_for, check_resources, default_cpu_share, rank_grid
 
 SIMULATE_ENV = "SHARDLINE_PREFLIGHT_SIMULATE"
 MEMORY_HEADROOM = 1.2     # weights plus room for activations and the KV cache's smallest share
 REPO_ROOT = Path(__file__).resolve().parent.parent
+RESOURCE_WAIT_S = 5.0     # as the executor: how long a resource shortfall is re-checked
 
 
 class PreflightError(RuntimeError):
@@ -260,11 +261,17 @@ def run_preflight(model: str, tensor_parallel_size: int = 1, pipeline_parallel_s
     deadline = time.monotonic() + timeout_s
 
     # 1. reserve the layout's placement groups
-    layout = _layout(tp, pp, cpus_per_worker, use_gpu)
-    try:
-        check_resources(layout, ray.available_resources(), [n["Resources"] for n in ray.nodes() if n["Alive"]])
-    except Exception as e:
-        return PreflightResult([], [str(e)], time.perf_counter() - t0)
+    # (resources just released by another engine show up a moment later: re-check for a few seconds)
+    settle = time.monotonic() + min(RESOURCE_WAIT_S, timeout_s / 4)
+    while True:
+        layout = _layout(tp, pp, cpus_per_worker, use_gpu)
+        try:
+            check_resources(layout, ray.available_resources(), [n["Resources"] for n in ray.nodes() if n["Alive"]])
+            break
+        except ResourceError as e:
+            if time.monotonic() > settle:
+                return PreflightResult([], [str(e)], time.perf_counter() - t0)
+            time.sleep(0.25)
     specs = bundles_for(1, pp, tp, layout.use_gpu, layout.cpus_per_worker)
     groups = [placement_group(list(s.bundles), strategy=s.strategy) for s in specs]
     probes = []

@@ -209,6 +209,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _init_ray() -> None:
     """Join the job's cluster; run directly, start a local Ray whose workers can import this checkout."""
+    if ray.is_initialized():      # called from a driver that is already connected
+        return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
