@@ -2,8 +2,10 @@
 # (activate the project's venv first). Nothing here runs `ray stop`: each node the scripts start
 # is recorded (its process group and temp dir) so that stop.sh ends exactly those processes.
 
-SHARDLINE_STATE_DIR="${SHARDLINE_STATE_DIR:-${TMPDIR:-/tmp}/shardline-launch-$(id -u)}"
+SHARDLINE_TMP="${TMPDIR:-/tmp}"
+SHARDLINE_STATE_DIR="${SHARDLINE_STATE_DIR:-$SHARDLINE_TMP/shardline-launch-$(id -u)}"
 NODES_FILE="$SHARDLINE_STATE_DIR/nodes"        # one line per started node: PGID TEMP_DIR ROLE
+HEADS_FILE="$SHARDLINE_STATE_DIR/heads"        # one line per started head: CLUSTER_ADDRESS JOB_ADDRESS
 DEFAULT_OBJECT_STORE_BYTES=$((2 * 1024 * 1024 * 1024))
 
 die() { echo "$(basename "$0"): error: $*" >&2; exit 2; }

@@ -21,12 +21,12 @@ Starts a Ray head on this machine, in the background, with what Shardline needs:
     step messages and Ray Data blocks through it, and Ray's default of 30% of RAM takes memory
     the model shards need).
 
-Options:
-  --port P                 GCS port (default 6379)
-  --temp-dir DIR           Ray's temp/session dir for this node (default /tmp/shardline-ray/head)
-  --num-cpus N             CPUs this node offers (default: what Ray detects)
-  --node-ip-address IP     address to bind (default: the address of the default route)
-  --dashboard-port P       dashboard / job-submission HTTP port (default 8265)
+Options (the environment variable in brackets sets the default):
+  --port P                 GCS port (default 6379) [SHARDLINE_HEAD_PORT]
+  --temp-dir DIR           Ray's temp/session dir for this node (default ${TMPDIR:-/tmp}/shardline-ray/head)
+  --num-cpus N             CPUs this node offers (default: what Ray detects) [SHARDLINE_NUM_CPUS]
+  --node-ip-address IP     address to bind (default: the address of the default route) [SHARDLINE_NODE_IP]
+  --dashboard-port P       dashboard / job-submission HTTP port (default 8265) [SHARDLINE_DASHBOARD_PORT]
   --object-store-memory B  object store size in bytes
   -h, --help               this text
 
@@ -36,7 +36,8 @@ which ends every Ray on the machine).
 TXT
 }
 
-port=6379; temp_dir=/tmp/shardline-ray/head; num_cpus=""; ip=""; dash_port=8265
+port="${SHARDLINE_HEAD_PORT:-6379}"; temp_dir="$SHARDLINE_TMP/shardline-ray/head"; num_cpus="${SHARDLINE_NUM_CPUS:-}"
+ip="${SHARDLINE_NODE_IP:-}"; dash_port="${SHARDLINE_DASHBOARD_PORT:-8265}"
 object_store=$DEFAULT_OBJECT_STORE_BYTES; extra=()
 while (($#)); do
     case "$1" in
@@ -82,7 +83,8 @@ while True:
             sys.exit(1)
         time.sleep(0.5)
 PY
+echo "$ip:$port http://$ip:$dash_port" >> "$HEADS_FILE"
 say "head started: process group $NODE_PGID, temp dir $temp_dir, log $log"
-say "job submission address (submit.sh --address): http://$ip:$dash_port"
+say "job submission address: http://$ip:$dash_port (submit.sh --address takes it, or the cluster address below)"
 say "join a worker: cluster/launch/start_worker.sh $ip:$port ; stop: cluster/launch/stop.sh"
 echo "$ip:$port"

@@ -18,7 +18,7 @@ Several workers may run on one machine: each gets its own temp dir and ports.
 
 Options:
   --num-cpus N             CPUs this node offers (default: what Ray detects)
-  --temp-dir DIR           Ray's temp dir for this node (default /tmp/shardline-ray/worker-<pid>)
+  --temp-dir DIR           Ray's temp dir for this node (default ${TMPDIR:-/tmp}/shardline-ray/worker-<pid>)
   --node-ip-address IP     address to bind (default: the one the route to the head leaves from)
   --object-store-memory B  object store size in bytes (default 2 GiB)
   -h, --help               this text
@@ -27,7 +27,7 @@ Stop it with stop.sh.
 TXT
 }
 
-address=""; num_cpus=""; temp_dir="/tmp/shardline-ray/worker-$$"; ip=""
+address=""; num_cpus="${SHARDLINE_NUM_CPUS:-}"; temp_dir="$SHARDLINE_TMP/shardline-ray/worker-$$"; ip="${SHARDLINE_NODE_IP:-}"
 object_store=$DEFAULT_OBJECT_STORE_BYTES; extra=()
 while (($#)); do
     case "$1" in

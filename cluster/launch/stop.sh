@@ -59,5 +59,5 @@ for line in "${lines[@]}"; do
     if [[ -n "$only" && "$dir" != "$only" ]]; then keep+=("$line"); continue; fi
     stop_node "$pgid" "$dir" "$role" || { status=1; keep+=("$line"); }
 done
-if ((${#keep[@]})); then printf '%s\n' "${keep[@]}" > "$NODES_FILE"; else rm -f "$NODES_FILE"; fi
+if ((${#keep[@]})); then printf '%s\n' "${keep[@]}" > "$NODES_FILE"; else rm -f "$NODES_FILE" "$HEADS_FILE"; fi
 exit $status

@@ -16,7 +16,9 @@ root: the job imports cluster/, sharding/ and scheduler/ from the upload), with 
 excludes ($EXCLUDES), follows the job's logs and exits 0 only if the job SUCCEEDED
 (1 if it FAILED or was STOPPED).
 
-  --address ADDRESS   the job-submission address start_head.sh printed (http://HOST:8265)
+  --address ADDRESS   the job-submission address (http://HOST:8265), or the cluster address
+                      start_head.sh printed last (HOST:PORT; its job address is looked up
+                      among the heads started here, else http://HOST:8265 is assumed)
   --runtime-env-json  extra runtime_env fields, merged with the excludes (e.g. env_vars)
 
 Token authentication: sends the cluster token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
@@ -39,6 +41,10 @@ done
 [[ -n "$address" ]] || address="${RAY_ADDRESS:-}"
 [[ -n "$address" ]] || die "--address is required: the job-submission address start_head.sh printed (http://HOST:8265)"
 need_tools
+if [[ "$address" != *://* ]]; then
+    job_address="$(awk -v a="$address" '$1 == a {print $2}' "$HEADS_FILE" 2>/dev/null | tail -n 1)"
+    address="${job_address:-http://${address%:*}:8265}"
+fi
 setup_auth join
 
 runtime_env="$(python - "$EXCLUDES" "$user_env" <<'PY'
