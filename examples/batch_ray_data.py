@@ -42,7 +42,7 @@ from cluster import LLM, SamplingParams
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams) if f.init}
-LIGHT_CPUS = 0.1
+LIGHT_CPUS = 0   # Ray Data's own tasks and actors: the engines' workers reserve the cores (see main)
 OUTPUT_COLUMNS = ("id", "text", "prompt_tokens", "output_tokens", "finish_reason")
 
 
@@ -155,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     _init_ray()
     done = ids_already_written(output)
     print(f"{len(done)} ids already in {output}; they are skipped", flush=True)
-    # Reading, filtering and writing are light: a small CPU share each leaves the cores to the
-    # engines' workers (which reserve theirs through placement groups) and never starves the writes.
+    # Reading, filtering, writing and the engine actors themselves are light: they reserve no CPU,
+    # so the engines' workers (which reserve theirs through placement groups) get the cores, and
+    # finished rows are written as they come instead of waiting for CPUs the workers hold.
     light = {"num_cpus": LIGHT_CPUS}
     ds = ray.data.read_json(str(Path(args.input).resolve()), lines=True, num_cpus=LIGHT_CPUS)
     ds = ds.map_batches(SkipDone, fn_constructor_args=(done,), batch_format="numpy",

@@ -9,7 +9,7 @@ MODEL), and SHARDLINE_NODE_IP / SHARDLINE_HEAD_PORT / SHARDLINE_DASHBOARD_PORT /
 
 Along the way:
 - start_head.sh comes up with token auth and prints the address last; preflight passes;
-- the batch job (40 rows, PP=2, greedy) is stopped half-way (`ray job stop`), then the README's
+- the batch job (40 rows, PP=2, greedy) is killed half-way (its driver, SIGKILL), then the README's
   submit line is typed again: the job SUCCEEDED and every id is in the output exactly once, with
   the texts offline `LLM.generate` gives for the same prompts;
 - without the token, submit.sh and start_worker.sh stop at once saying how to get it; a worker
@@ -22,9 +22,11 @@ Along the way:
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -34,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from sharding.dist import free_port
-from tests.e2e.conftest import BIN, LAUNCH, REPO, minimal_env, processes_naming
+from tests.e2e.conftest import LAUNCH, REPO, minimal_env, processes_naming
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -146,14 +148,18 @@ def test_readme_cluster_flow_with_token_auth_resumes_a_killed_job_and_stops_clea
         rc, out = shell.type(prompts)
         assert rc == 0, out
 
-        def stop_job_once_rows_appear():
+        def kill_job_once_rows_appear():
+            # the job's driver is killed outright (SIGKILL) the moment its first rows are on disk
             if not stopped_early and output_rows(results):
-                stopped_early.append(len(output_rows(results)))
-                _stop_running_jobs(f"http://127.0.0.1:{dash}", {**env, "RAY_AUTH_MODE": "token"})
+                drivers = [p for p in processes_naming(str(results))   # the job's driver, not submit.sh / ray job
+                           if "batch_ray_data.py" in _cmdline(p) and "submit" not in _cmdline(p)]
+                for pid in drivers:
+                    os.kill(pid, signal.SIGKILL)
+                stopped_early.append(drivers)
 
-        rc, out = shell.type(submit, timeout=300, while_waiting=stop_job_once_rows_appear)
-        assert stopped_early, f"the job ended before it wrote any row:\n{out[-3000:]}"
-        assert rc != 0 and "STOPPED" in out, out[-3000:]
+        rc, out = shell.type(submit, timeout=300, while_waiting=kill_job_once_rows_appear)
+        assert stopped_early and stopped_early[0], f"the job ended before it wrote any row:\n{out[-3000:]}"
+        assert rc != 0 and "FAILED" in out, out[-3000:]
         half = {r["id"] for r in output_rows(results)}
         assert 0 < len(half) < 40, f"{len(half)} rows after the stop: not half-way"
 
@@ -168,9 +174,9 @@ def test_readme_cluster_flow_with_token_auth_resumes_a_killed_job_and_stops_clea
         # 5. the texts are offline LLM.generate's
         by_id = {r["id"]: r for r in rows}
         wanted = [json.loads(line) for line in (home / "batch" / "prompts.jsonl").read_text().splitlines()]
-        texts = offline_texts(tiny_llama_dir, [w["prompt"] for w in wanted], max_tokens=16)
+        texts = offline_texts(tiny_llama_dir, [w["prompt"] for w in wanted], max_tokens=32)
         assert [by_id[w["id"]]["text"] for w in wanted] == texts
-        assert all(by_id[w["id"]]["output_tokens"] <= 16 and by_id[w["id"]]["prompt_tokens"] > 0 for w in wanted)
+        assert all(by_id[w["id"]]["output_tokens"] <= 32 and by_id[w["id"]]["prompt_tokens"] > 0 for w in wanted)
 
         rc, out = shell.type(show)
         assert rc == 0 and out.count('"finish_reason"') == 3, out
@@ -198,10 +204,8 @@ def _pick(commands: list[str]) -> tuple[str, ...]:
             one("submit.sh"), one("cat "), one("stop.sh"))
 
 
-def _stop_running_jobs(jobs_url: str, env: dict) -> None:
-    script = ("import sys\nfrom ray.job_submission import JobSubmissionClient, JobStatus\n"
-              "c = JobSubmissionClient(sys.argv[1])\n"
-              "for j in c.list_jobs():\n"
-              "    if j.status in (JobStatus.RUNNING, JobStatus.PENDING):\n"
-              "        c.stop_job(j.submission_id)\n")
-    subprocess.run([str(BIN / "python"), "-c", script, jobs_url], env=env, capture_output=True, timeout=60)
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
