@@ -13,7 +13,9 @@
 5 report    one row per node; the first broken node and what to change
 
 Every wait has a deadline (`timeout_s`), so a node that never answers or a collective that
-hangs (the usual symptom of a wrong interface) fails the check instead of the engine.
+hangs (the usual symptom of a wrong interface) fails the check instead of the engine. One
+replica's layout is checked (data-parallel replicas repeat it); the engine reserves its own
+placement groups afterwards, so on a busy cluster it may land on other nodes than the probes.
 
 Testing hook (documented, per node): a node whose Ray processes have the environment variable
 SHARDLINE_PREFLIGHT_SIMULATE='{"versions": {"torch": "0.0"}, "missing": ["/path"]}' reports those
