@@ -30,6 +30,7 @@ done
 pids_naming() {
     local dir="$1" p
     for p in /proc/[0-9]*; do
+        [[ "${p#/proc/}" == "$$" || "${p#/proc/}" == "$BASHPID" ]] && continue   # this script (its args may name DIR)
         [[ -r "$p/cmdline" ]] || continue
         if tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -qF -- "$dir/"; then echo "${p#/proc/}"; fi
     done

@@ -41,6 +41,8 @@ done
 [[ -n "$address" ]] || address="${RAY_ADDRESS:-}"
 [[ -n "$address" ]] || die "--address is required: the job-submission address start_head.sh printed (http://HOST:8265)"
 need_tools
+[[ -d cluster && -d sharding && -d scheduler ]] \
+    || die "run submit.sh from the repository root: the job's working dir (.) must hold cluster/, sharding/ and scheduler/"
 if [[ "$address" != *://* ]]; then
     job_address="$(awk -v a="$address" '$1 == a {print $2}' "$HEADS_FILE" 2>/dev/null | tail -n 1)"
     address="${job_address:-http://${address%:*}:8265}"
