@@ -3,6 +3,7 @@
     shardline prepare-model [--cache-dir DIR] [--force]
     shardline generate [--model DIR] [--tp T] [--pp P] [--dp D] [--max-tokens N] [--temperature X]
                        [--seed S] [--json] [PROMPT | - ...]     (- or a pipe: prompts from stdin)
+    shardline preflight --model DIR [--tensor-parallel-size T] [--pipeline-parallel-size P] [--address A]
 
 Each subcommand is one `_add_<name>(subparsers)` function that declares its arguments and sets
 `func` to a `_run_<name>(args) -> int` handler; `main` only dispatches. Handlers import their
@@ -144,10 +145,45 @@ def _print_outputs(outputs, as_json: bool) -> None:
     sys.stdout.flush()
 
 
+def _add_preflight(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "preflight",
+        help="check every node a layout will use (versions, model folder, memory, network, collectives)",
+        description="Reserve the layout's placement groups, then on every node it uses, in parallel: Python, Ray, "
+        "torch and Shardline versions equal to this driver's; the model folder readable with the same files and "
+        "sizes; device and backend; free memory for the node's shards; the collectives' network interface; a tiny "
+        "all-reduce and send/recv across the layout. Prints one row per node; exits 1 naming the first broken node.",
+    )
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="Hugging Face model folder (same path on every node)")
+    parser.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, dest="tp")
+    parser.add_argument("--pipeline-parallel-size", "--pp", type=int, default=1, dest="pp")
+    parser.add_argument("--address", default=None, help="Ray cluster to check (default: RAY_ADDRESS or a local one)")
+    parser.add_argument("--timeout", type=float, default=60.0, metavar="S", help="deadline for the whole check")
+    parser.add_argument("--cpus-per-worker", type=float, default=None, help="as LLM(cpus_per_worker=...)")
+    parser.set_defaults(func=_run_preflight)
+
+
+def _run_preflight(args: argparse.Namespace) -> int:
+    from cluster.preflight import run_preflight
+
+    for name in ("tp", "pp"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}={getattr(args, name)} must be at least 1")
+    result = run_preflight(args.model, args.tp, args.pp, address=args.address, timeout_s=args.timeout,
+                           cpus_per_worker=args.cpus_per_worker)
+    print(result.table())
+    if not result.ok:
+        print(f"shardline: preflight failed: {result.first_problem()}", file=sys.stderr)
+        return 1
+    return EXIT_OK
+
+
 # Order here is the order in `shardline --help`.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_prepare_model,
     _add_generate,
+    _add_preflight,
 ]
 
 

@@ -58,11 +58,14 @@ class LLM:
                  data_parallel_size: int = 1, dtype: str = "float32", max_model_len: int | None = None,
                  max_num_seqs: int = 128, max_num_batched_tokens: int = 2048, kv_cache_memory: int | None = None,
                  num_kv_blocks: int | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
-                 seed: int = 0, address: str | None = None, **kwargs) -> None:
-        """Every other keyword is an `EngineConfig` field (e.g. `max_logprobs`, `cpus_per_worker`,
+                 seed: int = 0, address: str | None = None, preflight: bool = True, **kwargs) -> None:
+        """`preflight`: on a multi-node cluster, check every node first (`cluster.preflight`).
+
+        Every other keyword is an `EngineConfig` field (e.g. `max_logprobs`, `cpus_per_worker`,
         `step_timeout_s`); anything else is an `UnknownArgumentError` naming the closest valid name."""
         # 1. the arguments: unknown keywords and wrong types fail before anything is read or started
-        reject_unknown(kwargs, CONFIG_KEYWORDS + ("address",), "LLM()")
+        reject_unknown(kwargs, CONFIG_KEYWORDS + ("address", "preflight"), "LLM()")
+        check_bool("preflight", preflight, type_err=ConfigTypeError)
         if not isinstance(model, (str, os.PathLike)):
             raise ConfigTypeError(f"model={show(model)} must be a path (str) to a Hugging Face model folder, "
                                   f"not {type(model).__name__}", "model", model)
@@ -91,7 +94,7 @@ class LLM:
         self.eos_token_ids = _eos_token_ids(path, hf_config)
         self._hf_tokenizer = None
         # 4. the ranks, then the engine
-        self.executor = self._make_executor(self.config, address)
+        self.executor = self._make_executor(self.config, address, preflight)
         if getattr(self.executor, "plan", None) is not None:   # the layout and its imbalance, in the log
             logger.info("shard plan:\n%s", self.executor.plan.describe())
         try:
@@ -102,13 +105,23 @@ class LLM:
         self._ids = itertools.count()
 
     @staticmethod
-    def _make_executor(config: EngineConfig, address: str | None):
-        """The one place that picks where the ranks run."""
+    def _make_executor(config: EngineConfig, address: str | None, preflight: bool = True):
+        """The one place that picks where the ranks run (on a multi-node cluster, after the pre-flight check)."""
         if config.world_size * config.data_parallel_size == 1 and address is None:
             from cluster.local_executor import LocalExecutor
             return LocalExecutor(config)
+        from cluster.preflight import preflight_if_multinode
         from cluster.ray_executor import RayExecutor
-        return RayExecutor(config, address=address)
+        joined = preflight_if_multinode(config, address) if preflight else False
+        try:
+            executor = RayExecutor(config, address=address)
+        except BaseException:
+            if joined:   # the pre-flight connected this process; nobody else will disconnect it
+                import ray
+                ray.shutdown()
+            raise
+        executor.started_ray = executor.started_ray or joined   # the pre-flight's connection is the engine's
+        return executor
 
     # -- generation ----------------------------------------------------------------------
 

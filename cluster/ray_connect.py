@@ -3,6 +3,12 @@
 `connect` is step 2 of `RayExecutor` start-up. Joining fails fast when nobody listens at the
 address (Ray itself retries for minutes), and loopback addresses stay on loopback (Ray otherwise
 swaps 127.0.0.1 for the host's routable IP and never connects).
+
+Token authentication (on by default for new Ray heads): a driver joining by address sends the
+cluster token when one is available here - RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH,
+else ~/.ray/auth_token - even if RAY_AUTH_MODE is unset (Ray itself only does that for
+address="auto"); RAY_AUTH_MODE=disabled opts out. A cluster that wants a token we do not have
+fails with `ClusterAuthError`, whose message says how to get it.
 """
 
 from __future__ import annotations
@@ -33,7 +39,13 @@ def connect(address: str | None, connect_timeout_s: float = 10.0) -> bool:
         check_reachable(address, connect_timeout_s)
         if is_loopback(address):
             keep_ray_on_loopback()
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        send_token_if_available()
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError) as e:
+            if _caused_by_auth(e):
+                raise ClusterAuthError(missing_token_message(address)) from e
+            raise
         return True
     keep_ray_on_loopback()
     # Ray starts workers at nice 15; ours do all the model's work, so a busy driver or any
@@ -47,6 +59,51 @@ def connect(address: str | None, connect_timeout_s: float = 10.0) -> bool:
 
 class ClusterUnreachableError(ConnectionError):
     """The Ray cluster named by address= / RAY_ADDRESS does not answer."""
+
+
+class ClusterAuthError(ConnectionError):
+    """The Ray cluster wants an authentication token this process does not have (or a different one)."""
+
+
+def send_token_if_available() -> bool:
+    """Turn on token mode for this process when RAY_AUTH_MODE is unset and a token is at hand.
+
+    Ray's own rule for `ray start --head` and `ray.init(address="auto")`, applied to an explicit
+    address too. Sending a token to a cluster without authentication is harmless (it is ignored).
+    """
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return os.environ["RAY_AUTH_MODE"].lower() == "token"
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:   # a Ray without token authentication
+        return False
+    return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def missing_token_message(address: str) -> str:
+    """What to do when the cluster at `address` rejects this process's (missing) token."""
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token"
+    mode = os.environ.get("RAY_AUTH_MODE", "unset")
+    return (f"the Ray cluster at {address!r} requires token authentication and rejected this process "
+            f"(RAY_AUTH_MODE={mode}, token file {token_file}"
+            f"{', RAY_AUTH_TOKEN set' if os.environ.get('RAY_AUTH_TOKEN') else ''}). Get the cluster's token: on "
+            "the head machine run `ray get-auth-token` (start_head.sh also printed its token file), then here "
+            "save it to ~/.ray/auth_token, or set RAY_AUTH_TOKEN_PATH=/path/to/file or RAY_AUTH_TOKEN=<token>, "
+            "and set RAY_AUTH_MODE=token")
+
+
+def _caused_by_auth(exc: BaseException) -> bool:
+    from ray.exceptions import AuthenticationError
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, AuthenticationError) or "InvalidAuthToken" in str(seen) \
+                or "Authentication token is missing" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def check_reachable(address: str, timeout_s: float) -> None:

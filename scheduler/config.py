@@ -69,6 +69,8 @@ class EngineConfig:
     """How long a shortfall of free CPUs/GPUs is re-checked (just-released resources) before it is an error."""
     placement_timeout_s: float = 60.0
     """Deadline to reserve the placement groups."""
+    preflight_timeout_s: float = 60.0
+    """Deadline of the pre-flight check `LLM(...)` runs on a multi-node cluster (`preflight=False` skips it)."""
     startup_timeout_s: float | None = None
     """Deadline for rendezvous + loading + warm-up; None: collective_timeout_s + 300."""
     step_timeout_s: float | None = None
@@ -97,7 +99,7 @@ class EngineConfig:
         if self.layer_split is not None and self.layer_split != "auto":
             self._check_layer_split()
         positive = ("> 0", lambda v: v > 0)
-        for name in ("collective_timeout_s", "connect_timeout_s", "placement_timeout_s"):
+        for name in ("collective_timeout_s", "connect_timeout_s", "placement_timeout_s", "preflight_timeout_s"):
             check_number(name, getattr(self, name), *positive, **_ERR)
         check_number("resource_wait_s", self.resource_wait_s, ">= 0 (0: no re-check)", lambda v: v >= 0, **_ERR)
         for name in ("startup_timeout_s", "step_timeout_s", "cpus_per_worker"):

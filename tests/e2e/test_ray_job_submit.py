@@ -1,84 +1,26 @@
-"""End to end: a real `ray start --head`, then `ray job submit --working-dir .` of the example.
+"""End to end: a real Ray head (`cluster/launch/start_head.sh`, token authentication on), then
+`ray job submit --working-dir .` of the example.
 
 The job uploads the repository (without .venv), joins the cluster through RAY_ADDRESS, runs the
-model at PP=2 on the cluster's workers and prints its generations. The head runs in its own
-process group, which the fixture terminates (never `ray stop`: it would kill every Ray on the
-machine).
+model at PP=2 on the cluster's workers and prints its generations. The `ray_head` fixture
+(tests/e2e/conftest.py) gives the job address, a client environment carrying the test's own
+cluster token, and the cluster address; its teardown runs `stop.sh` (never `ray stop`: it would
+kill every Ray on the machine).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-
-from sharding.dist import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def _env(tmp: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",   # `python` in the job = this venv's
-               RAY_TMPDIR=tmp, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
-    return env
-
-
-@pytest.fixture
-def ray_head():
-    tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")   # short: Ray's unix socket paths have a length limit
-    env = _env(tmp)
-    dashboard, gcs_port = free_port("127.0.0.1"), free_port("127.0.0.1")
-    cmd = [str(BIN / "ray"), "start", "--head", f"--port={gcs_port}", "--num-cpus=2",
-           f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
-           "--include-dashboard=true", "--block"]
-    head = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/api/version", timeout=2) as r:
-                    json.load(r)
-                break
-            except OSError:
-                if head.poll() is not None or time.monotonic() > deadline:
-                    out = head.stdout.read().decode(errors="replace") if head.poll() is not None else ""
-                    pytest.fail(f"ray head did not come up at {url}: {out[-2000:]}")
-                time.sleep(1)
-        yield url, env, f"127.0.0.1:{gcs_port}"
-    finally:
-        _stop_group(head)
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        # the --block parent exits first; its children share the group
-        time.sleep(1)
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
 
 
 def test_ray_job_submit_runs_the_example_on_the_cluster(ray_head, tiny_llama_dir):

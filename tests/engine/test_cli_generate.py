@@ -57,7 +57,7 @@ def test_too_long_prompt_prints_the_finished_outputs_and_names_its_index(tiny_ll
 
 # (argv after `generate --model DIR`, stdin or None, what the one error line must contain)
 CLI_CASES = [
-    ("tp_does_not_divide_heads", ["--tp", "3", "hello"], None, "--tp: tensor_parallel_size=3 does not divide"),
+    ("tp_over_heads", ["--tp", "9", "hello"], None, "--tp: tensor_parallel_size=9 exceeds num_attention_heads=8"),
     ("dp_zero", ["--dp", "0", "hello"], None, "--dp: data_parallel_size=0"),
     ("pp_past_layers", ["--pp", "9", "hello"], None, "--pp: pipeline_parallel_size=9 exceeds"),
     ("seed_overflow", ["--seed", str(2**64), "hello"], None, "--seed: seed=18446744073709551616 is out of range"),

@@ -1,0 +1,439 @@
+"""Pre-flight: prove a cluster can run a T x P layout before anything heavy starts.
+
+    shardline preflight --model DIR --tensor-parallel-size T --pipeline-parallel-size P [--address A]
+
+1 reserve   the layout's placement groups, as the executor would (one STRICT_PACK group per stage)
+2 probe     one small `_RankProbe` actor per rank, in its bundle; all start in parallel
+3 nodes     on one probe per node: Python, Ray, torch and Shardline versions (equal to the
+            driver's), the model folder (every file there, readable, with the driver's sizes),
+            device and backend, free memory for that node's shards, the network interface the
+            collectives will use (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME, else the node address's)
+4 wire      the probes form the replica's process group: an all-reduce in every TP group and a
+            send/recv between consecutive stages, within the timeout
+5 report    one row per node; the first broken node and what to change
+
+Every wait has a deadline (`timeout_s`), so a node that never answers or a collective that
+hangs (the usual symptom of a wrong interface) fails the check instead of the engine. One
+replica's layout is checked (data-parallel replicas repeat it); the engine reserves its own
+placement groups afterwards, so on a busy cluster it may land on other nodes than the probes.
+
+Testing hook (documented, per node): a node whose Ray processes have the environment variable
+SHARDLINE_PREFLIGHT_SIMULATE='{"versions": {"torch": "0.0"}, "missing": ["/path"]}' reports those
+versions, and treats those paths (and everything under them) as absent. Set it in the environment
+`ray start` runs in on that node (tests set it around `Cluster.add_node`); nothing else reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.placement import Layout, ResourceError, bundles_for, check_resources, default_cpu_share, rank_grid
+
+SIMULATE_ENV = "SHARDLINE_PREFLIGHT_SIMULATE"
+MEMORY_HEADROOM = 1.2     # weights plus room for activations and the KV cache's smallest share
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESOURCE_WAIT_S = 5.0     # as the executor: how long a resource shortfall is re-checked
+
+
+class PreflightError(RuntimeError):
+    """The cluster failed pre-flight; the message names the first broken node and what to change."""
+
+
+@dataclass
+class NodeRow:
+    """What one node reported, and what is wrong with it."""
+
+    node_ip: str
+    node_id: str
+    ranks: list[str]
+    facts: dict = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class PreflightResult:
+    rows: list[NodeRow]
+    problems: list[str]          # problems not tied to one node (resources, placement)
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(r.ok for r in self.rows)
+
+    def first_problem(self) -> str:
+        if self.problems:
+            return self.problems[0]
+        row = next(r for r in self.rows if not r.ok)
+        return f"node {row.node_ip} ({row.node_id[:12]}): {row.problems[0]}"
+
+    def table(self) -> str:
+        head = ("node", "ranks", "python", "ray", "torch", "shardline", "model", "device", "free/need GiB",
+                "iface", "collectives", "status")
+        lines = [head]
+        for r in self.rows:
+            f = r.facts
+            mem = f"{f.get('free_gib', '?')}/{f.get('need_gib', '?')}"
+            lines.append((f"{r.node_ip} {r.node_id[:8]}", ",".join(r.ranks), f.get("python", "?"), f.get("ray", "?"),
+                          f.get("torch", "?"), f.get("shardline", "?"), f.get("model", "?"), f.get("device", "?"),
+                          mem, f.get("iface", "?"), f.get("collectives", "?"),
+                          "OK" if r.ok else "FAIL: " + "; ".join(r.problems)))
+        widths = [max(len(str(line[i])) for line in lines) for i in range(len(head) - 1)]
+        out = []
+        for line in lines:
+            cells = [str(c).ljust(w) for c, w in zip(line[:-1], widths)] + [str(line[-1])]
+            out.append("  ".join(cells))
+        out += [f"cluster: {p}" for p in self.problems]
+        out.append(f"pre-flight {'passed' if self.ok else 'FAILED'} in {self.seconds:.1f} s")
+        return "\n".join(out)
+
+
+# -- what a node reports ----------------------------------------------------------------------
+
+def local_versions() -> dict:
+    """Versions that must be equal on every node (Shardline: package version + source hash)."""
+    import torch
+
+    return {"python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__.split("+")[0],
+            "shardline": shardline_version()}
+
+
+def shardline_version() -> str:
+    """'0.1.0+<hash of the cluster/, sharding/, scheduler/ sources this process imports>'."""
+    try:
+        from importlib.metadata import version
+        base = version("shardline")
+    except Exception:   # run from a source tree (ray job --working-dir) without an install
+        base = "src"
+    digest = hashlib.sha1()
+    for pkg in ("cluster", "sharding", "scheduler"):
+        root = REPO_ROOT / pkg
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(REPO_ROOT)).encode())
+            digest.update(path.read_bytes())
+    return f"{base}+{digest.hexdigest()[:8]}"
+
+
+def model_files(model: str) -> dict[str, int]:
+    """{file name: size} of what a rank reads: config, tokenizer, safetensors (+ index)."""
+    path = Path(model)
+    names = ["config.json", "tokenizer.json"]
+    names += sorted(p.name for p in path.glob("*.safetensors"))
+    if (path / "model.safetensors.index.json").is_file():
+        names.append("model.safetensors.index.json")
+    return {n: (path / n).stat().st_size for n in names if (path / n).is_file()}
+
+
+def _simulated() -> dict:
+    raw = os.environ.get(SIMULATE_ENV)
+    return json.loads(raw) if raw else {}
+
+
+def check_model_here(model: str, expected: dict[str, int]) -> str | None:
+    """None if every expected file is readable here with the expected size, else what is wrong."""
+    hidden = [str(p) for p in _simulated().get("missing", [])]
+    if any(model == h or model.startswith(h.rstrip("/") + "/") for h in hidden) or not os.path.isdir(model):
+        return f"model folder {model} does not exist on this node; copy it there (same path on every node) or " \
+               "put it on a shared filesystem"
+    for name, size in expected.items():
+        p = os.path.join(model, name)
+        if not os.path.isfile(p):
+            return f"{p} is missing on this node; copy the whole model folder"
+        if not os.access(p, os.R_OK):
+            return f"{p} is not readable on this node (permissions)"
+        got = os.path.getsize(p)
+        if got != size:
+            return f"{p} has {got} bytes on this node, {size} on the driver; copy the folder again"
+    return None
+
+
+def collective_iface(node_ip: str) -> tuple[str, str | None]:
+    """(interface the collectives will use, problem or None)."""
+    import psutil
+
+    want = os.environ.get("GLOO_SOCKET_IFNAME") or os.environ.get("NCCL_SOCKET_IFNAME")
+    addrs = psutil.net_if_addrs()
+    carrying = next((name for name, lst in addrs.items()
+                     if any(a.family == socket.AF_INET and a.address == node_ip for a in lst)), None)
+    if want:
+        if want not in addrs:
+            return want, f"GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME={want} is not an interface of this node " \
+                         f"(it has {sorted(addrs)}); set it to {carrying or 'the interface of the node address'}"
+        stats = psutil.net_if_stats().get(want)
+        if stats is not None and not stats.isup:
+            return want, f"interface {want} is down on this node"
+        if carrying and want != carrying:
+            return want, f"collectives would use {want} but Ray binds {node_ip} on {carrying}; " \
+                         f"set GLOO_SOCKET_IFNAME={carrying} NCCL_SOCKET_IFNAME={carrying} (start_head.sh does)"
+        return want, None
+    return f"{carrying or '?'} (auto)", None
+
+
+class _RankProbe:
+    """One rank's stand-in: reports its node and joins the layout's process group for a tiny test."""
+
+    def __init__(self) -> None:
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.node_ip = ray.util.get_node_ip_address()
+
+    def where(self) -> dict:
+        return {"node_id": self.node_id, "node_ip": self.node_ip}
+
+    def node_facts(self, model: str, expected: dict[str, int], need_bytes: int) -> dict:
+        import psutil
+
+        from sharding.dist import select_device
+
+        versions = {**local_versions(), **_simulated().get("versions", {})}
+        device, backend = select_device()
+        if device.type == "cuda":
+            import torch
+            free = torch.cuda.mem_get_info()[0]
+        else:
+            free = psutil.virtual_memory().available
+        iface, iface_problem = collective_iface(self.node_ip)
+        return {**versions, "model_problem": check_model_here(model, expected), "device": device.type,
+                "backend": backend, "free_bytes": int(free), "need_bytes": int(need_bytes), "iface": iface,
+                "iface_problem": iface_problem}
+
+    def free_port(self) -> int:
+        from sharding.dist import free_port
+
+        return free_port(self.node_ip)
+
+    def wire_test(self, rank: int, tp: int, pp: int, master: str, port: int, timeout_s: float) -> str:
+        """All-reduce in this rank's TP group, send/recv to the next stage; 'ok' or what failed."""
+        import torch
+        import torch.distributed as dist
+
+        from sharding.dist import init_replica, pp_recv, pp_send, tp_all_reduce
+
+        groups = init_replica(rank, tp, pp, master, port, timeout_s=timeout_s)
+        try:
+            x = torch.full((4,), float(rank + 1))
+            total = tp_all_reduce(x.clone(), groups)
+            stage = groups.pp_rank
+            want = sum(float(stage * tp + t + 1) for t in range(tp))
+            if not torch.allclose(total, torch.full((4,), want)):
+                return f"all-reduce in TP group of stage {stage} gave {total.tolist()}, expected {want}"
+            if pp > 1:
+                if not groups.is_first_stage:
+                    got = pp_recv(torch.Size([4]), torch.float32, groups)
+                    if not torch.equal(got, torch.full((4,), float(groups.prev_stage_rank))):
+                        return f"recv from rank {groups.prev_stage_rank} gave {got.tolist()}"
+                if not groups.is_last_stage:
+                    pp_send(torch.full((4,), float(rank)), groups)
+            return "ok"
+        finally:
+            groups.destroy()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+# -- the check --------------------------------------------------------------------------------
+
+def run_preflight(model: str, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                  address: str | None = None, timeout_s: float = 60.0, cpus_per_worker: float | None = None,
+                  use_gpu: bool | None = None) -> PreflightResult:
+    """Check every node the layout will use (see the module docstring); never raises for a broken node."""
+    from cluster.ray_connect import connect, worker_runtime_env
+
+    t0 = time.perf_counter()
+    tp, pp = tensor_parallel_size, pipeline_parallel_size
+    model = str(Path(model).expanduser().resolve())
+    expected = model_files(model)
+    if "config.json" not in expected:
+        raise PreflightError(f"{model} is not a Hugging Face model folder on the driver (no config.json)")
+    weight_bytes = sum(size for name, size in expected.items() if name.endswith(".safetensors"))
+    connect(address)
+    deadline = time.monotonic() + timeout_s
+
+    # 1. reserve the layout's placement groups
+    # (resources just released by another engine show up a moment later: re-check for a few seconds)
+    settle = time.monotonic() + min(RESOURCE_WAIT_S, timeout_s / 4)
+    while True:
+        layout = _layout(tp, pp, cpus_per_worker, use_gpu)
+        try:
+            check_resources(layout, ray.available_resources(), [n["Resources"] for n in ray.nodes() if n["Alive"]])
+            break
+        except ResourceError as e:
+            if time.monotonic() > settle:
+                return PreflightResult([], [str(e)], time.perf_counter() - t0)
+            time.sleep(0.25)
+    specs = bundles_for(1, pp, tp, layout.use_gpu, layout.cpus_per_worker)
+    groups = [placement_group(list(s.bundles), strategy=s.strategy) for s in specs]
+    probes = []
+    try:
+        ready, pending = ray.wait([g.ready() for g in groups], num_returns=len(groups),
+                                  timeout=max(0.0, deadline - time.monotonic()))
+        if pending:
+            return PreflightResult([], [f"could not reserve the placement groups of layout {layout} within "
+                                        f"{timeout_s:.0f} s; free CPUs/GPUs or add nodes"], time.perf_counter() - t0)
+        # 2. one probe per rank, in its bundle
+        remote = ray.remote(_RankProbe)
+        env = worker_runtime_env(REPO_ROOT)
+        ranks = rank_grid(1, pp, tp)
+        for r in ranks:
+            strategy = PlacementGroupSchedulingStrategy(placement_group=groups[r.group_index],
+                                                        placement_group_bundle_index=r.bundle_index)
+            probes.append(remote.options(num_cpus=layout.cpus_per_worker, num_gpus=1 if layout.use_gpu else 0,
+                                         scheduling_strategy=strategy, runtime_env=env,
+                                         max_restarts=0).remote())
+        where = _get([p.where.remote() for p in probes], deadline, "start")
+        if isinstance(where, str):
+            return PreflightResult([], [where], time.perf_counter() - t0)
+        rows: dict[str, NodeRow] = {}
+        for r, w in zip(ranks, where):
+            row = rows.setdefault(w["node_id"], NodeRow(w["node_ip"], w["node_id"], []))
+            row.ranks.append(f"pp{r.pp_rank}tp{r.tp_rank}")
+        # 3. node facts, one probe per node, in parallel; 4. the wire test, all ranks at once
+        first_probe = {}
+        for p, w in zip(probes, where):
+            first_probe.setdefault(w["node_id"], p)
+        per_rank = weight_bytes / (tp * pp)
+        fact_refs = {nid: p.node_facts.remote(model, expected, int(per_rank * len(rows[nid].ranks) * MEMORY_HEADROOM))
+                     for nid, p in first_probe.items()}
+        port = _get([probes[0].free_port.remote()], deadline, "rendezvous")
+        wire_refs = []
+        if not isinstance(port, str):
+            left = max(1.0, deadline - time.monotonic())
+            wire_refs = [p.wire_test.remote(r.local_rank, tp, pp, where[0]["node_ip"], port[0], left)
+                         for p, r in zip(probes, ranks)]
+        facts = {nid: _get([ref], deadline, "report") for nid, ref in fact_refs.items()}
+        wires = _get(wire_refs, deadline, "collectives", per_ref=True) if wire_refs else [port] * len(ranks)
+        # 5. judge
+        driver = local_versions()
+        for nid, row in rows.items():
+            _judge(row, facts[nid], driver)
+        check_nodes_agree(list(rows.values()))
+        by_node: dict[str, list[str]] = {}
+        for r, w, verdict in zip(ranks, where, wires):
+            if verdict != "ok":
+                by_node.setdefault(w["node_id"], []).append(f"pp{r.pp_rank}tp{r.tp_rank}: {verdict}")
+        for nid, row in rows.items():
+            bad = by_node.get(nid)
+            row.facts["collectives"] = "ok" if not bad else "FAIL"
+            if bad:
+                row.problems.append(f"collective test failed ({'; '.join(bad)}); check that every node's "
+                                    "GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME names an interface its peers can reach "
+                                    "and that no firewall blocks the ports between nodes")
+        return PreflightResult(list(rows.values()), [], time.perf_counter() - t0)
+    finally:
+        for p in probes:
+            ray.kill(p)
+        for g in groups:
+            remove_placement_group(g)
+
+
+def _layout(tp: int, pp: int, cpus_per_worker: float | None, use_gpu: bool | None) -> Layout:
+    use_gpu = ray.cluster_resources().get("GPU", 0) >= 1 if use_gpu is None else use_gpu
+    if cpus_per_worker is None:
+        largest = max((float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]), default=None)
+        cpus_per_worker = default_cpu_share(tp * pp, tp, float(ray.available_resources().get("CPU", 0)), largest)
+    return Layout(tp=tp, pp=pp, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu)
+
+
+def _get(refs: list, deadline: float, what: str, per_ref: bool = False):
+    """Values of `refs` by the deadline; else a message (or, per_ref, a message in each missing slot)."""
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
+    out = []
+    for ref in refs:
+        if ref in pending:
+            msg = f"no answer within the pre-flight timeout ({what})"
+            if not per_ref:
+                return msg
+            out.append(msg)
+            continue
+        try:
+            out.append(ray.get(ref))
+        except Exception as e:   # a probe that raised: its message, one line
+            msg = f"{what} failed: {str(e).strip().splitlines()[-1][:300]}"
+            if not per_ref:
+                return msg
+            out.append(msg)
+    return out
+
+
+def _judge(row: NodeRow, facts, driver: dict) -> None:
+    if isinstance(facts, str):
+        row.problems.append(facts)
+        return
+    facts = facts[0]
+    free_gib, need_gib = facts["free_bytes"] / 2**30, facts["need_bytes"] / 2**30
+    row.facts.update({k: facts[k] for k in ("python", "ray", "torch", "shardline", "iface")},
+                     device=f"{facts['device']}/{facts['backend']}", free_gib=f"{free_gib:.1f}",
+                     need_gib=f"{need_gib:.2f}", model="ok" if facts["model_problem"] is None else "FAIL")
+    for key in ("python", "ray", "torch", "shardline"):
+        if facts[key] != driver[key]:
+            fix = "run the same checkout (ray job submit --working-dir .)" if key == "shardline" else \
+                f"install {key} {driver[key]} on this node (the same venv everywhere)"
+            row.problems.append(f"{key} {facts[key]} differs from the driver's {driver[key]}; {fix}")
+    if facts["model_problem"]:
+        row.problems.append(facts["model_problem"])
+    if facts["iface_problem"]:
+        row.problems.append(facts["iface_problem"])
+    if facts["free_bytes"] < facts["need_bytes"]:
+        row.problems.append(f"{free_gib:.2f} GiB free, its shards need about {need_gib:.2f} GiB; free memory, "
+                            "use more nodes (larger pipeline/tensor parallel size) or a smaller dtype")
+
+
+def check_nodes_agree(rows: list[NodeRow]) -> None:
+    """Every node must use the same device type and backend (gloo everywhere, or NCCL everywhere)."""
+    kinds = {r.facts.get("device") for r in rows if r.facts.get("device")}
+    if len(kinds) > 1:
+        for r in rows:
+            if r.facts.get("device") != sorted(kinds)[0]:
+                r.problems.append(f"device/backend {r.facts['device']} differs from other nodes' {sorted(kinds)[0]}; "
+                                  "use GPU nodes everywhere or CPU nodes everywhere")
+
+
+def preflight_if_multinode(config, address: str | None) -> bool:
+    """What `LLM(...)` runs before starting workers: the check, when the cluster has several alive nodes.
+
+    Returns True if it connected this process to Ray (the engine then owns that connection).
+    Raises `PreflightError` for a broken node. Cluster-wide shortfalls (not enough CPUs, a
+    placement that cannot be met) are left to the executor, which reports them itself.
+    """
+    from cluster.ray_connect import connect
+
+    if address is None and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
+        return False            # LLM is about to start a local, single-node Ray
+    joined = connect(address)
+    try:
+        if sum(1 for n in ray.nodes() if n["Alive"]) > 1:
+            timeout = float(config.preflight_timeout_s)
+            result = run_preflight(config.model, config.tensor_parallel_size, config.pipeline_parallel_size,
+                                   timeout_s=timeout, cpus_per_worker=config.cpus_per_worker,
+                                   use_gpu=config.use_gpu)
+            if result.rows and not all(r.ok for r in result.rows):
+                raise PreflightError(f"pre-flight failed: {result.first_problem()} (skip the check with "
+                                     f"LLM(..., preflight=False))\n{result.table()}")
+    except BaseException:
+        if joined:
+            ray.shutdown()
+        raise
+    return joined
+
+
+def preflight_or_raise(model: str, tp: int, pp: int, address: str | None = None, timeout_s: float = 60.0,
+                       **kwargs) -> PreflightResult:
+    """`run_preflight`, raising `PreflightError` (with the table) when a node is broken."""
+    result = run_preflight(model, tp, pp, address=address, timeout_s=timeout_s, **kwargs)
+    if not result.ok:
+        raise PreflightError(f"pre-flight failed: {result.first_problem()} (skip with preflight=False)\n"
+                             f"{result.table()}")
+    return result
