@@ -14,7 +14,7 @@ import itertools
 import json
 import pathlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
@@ -24,6 +24,7 @@ from scheduler.config import EngineConfig
 from scheduler.engine import LLMEngine, PromptTooLongError
 from scheduler.request import RequestOutput
 from scheduler.sampling_params import SamplingParams
+from scheduler.streaming import OutputDeltas
 
 DEFAULT_MAX_MODEL_LEN = 4096
 """`max_model_len=None` means min(the model's max_position_embeddings, this)."""
@@ -38,7 +39,7 @@ class LLM:
                  data_parallel_size: int = 1, dtype: str = "float32", max_model_len: int | None = None,
                  max_num_seqs: int = 128, max_num_batched_tokens: int = 2048, kv_cache_memory: int | None = None,
                  num_kv_blocks: int | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
-                 seed: int = 0, address: str | None = None, **kwargs) -> None:
+                 seed: int = 0, address: str | None = None, placement=None, **kwargs) -> None:
         # 1. the model folder
         path = pathlib.Path(model).expanduser().resolve()
         hf_config = _read_json(path, "config.json", required=True)
@@ -64,7 +65,7 @@ class LLM:
         self.eos_token_ids = _eos_token_ids(path, hf_config)
         self._hf_tokenizer = None
         # 4. the ranks, then the engine
-        self.executor = self._make_executor(self.config, address)
+        self.executor = self._make_executor(self.config, address, placement)
         try:
             self.engine = LLMEngine(self.config, self.executor, self.tokenizer, self.eos_token_ids, max_model_len)
         except BaseException:
@@ -73,13 +74,13 @@ class LLM:
         self._ids = itertools.count()
 
     @staticmethod
-    def _make_executor(config: EngineConfig, address: str | None):
-        """The one place that picks where the ranks run."""
-        if config.world_size * config.data_parallel_size == 1 and address is None:
+    def _make_executor(config: EngineConfig, address: str | None, placement=None):
+        """The one place that picks where the ranks run (`placement`: a `ray_workers.ExistingGroup`)."""
+        if config.world_size * config.data_parallel_size == 1 and address is None and placement is None:
             from cluster.local_executor import LocalExecutor
             return LocalExecutor(config)
         from cluster.ray_executor import RayExecutor
-        return RayExecutor(config, address=address)
+        return RayExecutor(config, address=address, placement=placement)
 
     # -- generation ----------------------------------------------------------------------
 
@@ -120,6 +121,28 @@ class LLM:
             err.outputs, err.rejected = outputs, rejected
             raise err
         return outputs
+
+    def generate_stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+                        request_id: str | None = None) -> Iterator[RequestOutput]:
+        """Yield one prompt's outputs as they are produced: each a delta (new text, token ids, logprobs).
+
+        The last one has `finished=True` and a `finish_reason`. Closing the generator early (break)
+        aborts the request and frees its KV blocks. Over the same `LLMEngine.step()` loop as
+        `generate`; the serving path (`scheduler.async_engine`) yields the same deltas.
+        """
+        (text, ids), = _normalize_prompts([prompt])   # a str or a {"prompt_token_ids": [...]} dict
+        rid = request_id or f"s{next(self._ids)}"
+        self._add(rid, text, ids, sampling_params or SamplingParams())
+        deltas, finished = OutputDeltas(), False
+        try:
+            while not finished:
+                for o in self.engine.step():
+                    if o.request_id == rid:
+                        finished = o.finished
+                        yield deltas.delta(o)
+        finally:
+            if not finished:   # freed at the start of the next step
+                self._abort([rid])
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
