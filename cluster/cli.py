@@ -96,6 +96,9 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_prepare_model,
     _add_generate,
 ]
+from cluster.serve_cli import SUBCOMMANDS as _SERVE_SUBCOMMANDS  # noqa: E402 - serve, status, stop
+
+SUBCOMMANDS += _SERVE_SUBCOMMANDS
 
 
 def build_parser() -> argparse.ArgumentParser:
