@@ -32,49 +32,6 @@ HISTOGRAMS = {
 }
 
 
-@serve.deployment(name=HUB_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0})
-class MetricsHub:
-    def __init__(self, model_name: str) -> None:
-        self.model_name = model_name
-        self.replicas: dict[str, tuple[float, dict]] = {}   # replica id -> (received at, snapshot)
-        self.aborts: dict[str, float] = {}                   # request id -> expiry
-
-    def push(self, replica_id: str, snapshot: dict) -> list[str]:
-        """Store a replica's snapshot; return the aborts meant for it."""
-        now = time.monotonic()
-        self.replicas[replica_id] = (now, snapshot)
-        self.aborts = {rid: exp for rid, exp in self.aborts.items() if exp > now}
-        mine = [rid for rid in snapshot.get("request_ids", ()) if rid in self.aborts]
-        for rid in mine:
-            del self.aborts[rid]
-        return mine
-
-    def abort(self, request_id: str) -> None:
-        self.aborts[request_id] = time.monotonic() + ABORT_TTL_S
-
-    def stats(self) -> dict:
-        """{"model", "replicas": {id: {...counts, "alive"}}, "num_replicas_alive"}."""
-        now = time.monotonic()
-        replicas = {}
-        for rid, (at, snap) in self.replicas.items():
-            replicas[rid] = {k: v for k, v in snap.items() if not isinstance(v, dict) or k == "request_success"}
-            replicas[rid]["alive"] = now - at < STALE_S and snap.get("dead") is None
-            replicas[rid]["num_running_ids"] = len(replicas[rid].pop("request_ids", []))
-        return {"model": self.model_name, "replicas": replicas,
-                "num_replicas_alive": sum(r["alive"] for r in replicas.values())}
-
-    def dead_replicas(self) -> dict[str, str]:
-        """Replicas whose engine died, as heard within STALE_S (Serve replaces them; then they go quiet)."""
-        now = time.monotonic()
-        return {rid: snap["dead"] for rid, (at, snap) in self.replicas.items()
-                if now - at < STALE_S and snap.get("dead") is not None}
-
-    def metrics_text(self) -> str:
-        registry = CollectorRegistry()
-        registry.register(_Collector(self.model_name, self.replicas))
-        return generate_latest(registry).decode()
-
-
 class _Collector:
     """Sums the replicas' snapshots into metric families with vLLM's names and meanings."""
 
@@ -123,3 +80,48 @@ class _Collector:
             cumulative.append((bound, total))
         h.add_metric(values, cumulative, sum(s["sum"] for s in snaps))
         return h
+
+
+# The deployment class comes last: Serve serializes it when it is decorated, so every module-level
+# helper it uses must already exist by then.
+@serve.deployment(name=HUB_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0})
+class MetricsHub:
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.replicas: dict[str, tuple[float, dict]] = {}   # replica id -> (received at, snapshot)
+        self.aborts: dict[str, float] = {}                   # request id -> expiry
+
+    def push(self, replica_id: str, snapshot: dict) -> list[str]:
+        """Store a replica's snapshot; return the aborts meant for it."""
+        now = time.monotonic()
+        self.replicas[replica_id] = (now, snapshot)
+        self.aborts = {rid: exp for rid, exp in self.aborts.items() if exp > now}
+        mine = [rid for rid in snapshot.get("request_ids", ()) if rid in self.aborts]
+        for rid in mine:
+            del self.aborts[rid]
+        return mine
+
+    def abort(self, request_id: str) -> None:
+        self.aborts[request_id] = time.monotonic() + ABORT_TTL_S
+
+    def stats(self) -> dict:
+        """{"model", "replicas": {id: {...counts, "alive"}}, "num_replicas_alive"}."""
+        now = time.monotonic()
+        replicas = {}
+        for rid, (at, snap) in self.replicas.items():
+            replicas[rid] = {k: v for k, v in snap.items() if not isinstance(v, dict) or k == "request_success"}
+            replicas[rid]["alive"] = now - at < STALE_S and snap.get("dead") is None
+            replicas[rid]["num_running_ids"] = len(replicas[rid].pop("request_ids", []))
+        return {"model": self.model_name, "replicas": replicas,
+                "num_replicas_alive": sum(r["alive"] for r in replicas.values())}
+
+    def dead_replicas(self) -> dict[str, str]:
+        """Replicas whose engine died, as heard within STALE_S (Serve replaces them; then they go quiet)."""
+        now = time.monotonic()
+        return {rid: snap["dead"] for rid, (at, snap) in self.replicas.items()
+                if now - at < STALE_S and snap.get("dead") is not None}
+
+    def metrics_text(self) -> str:
+        registry = CollectorRegistry()
+        registry.register(_Collector(self.model_name, self.replicas))
+        return generate_latest(registry).decode()

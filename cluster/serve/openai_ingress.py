@@ -41,136 +41,6 @@ HEALTH_TIMEOUT_S = 5.0
 app = FastAPI(title="Shardline (OpenAI-compatible)")
 
 
-@serve.deployment(name=INGRESS_DEPLOYMENT)
-@serve.ingress(app)
-class OpenAIIngress:
-    def __init__(self, engine: DeploymentHandle, hub: DeploymentHandle, config: ServeConfig) -> None:
-        self.engine = engine
-        self.hub = hub
-        self.config = config
-        self.model_name = config.model_name
-        self.created = int(time.time())
-        self.tokenizer = Tokenizer.from_file(str(pathlib.Path(config.model).expanduser() / "tokenizer.json"))
-
-    # -- service endpoints ------------------------------------------------------------------
-
-    @app.get("/health")
-    async def health(self):
-        """200 when an engine replica answers and no replica reported its engine dead; else 503."""
-        try:
-            await asyncio.wait_for(self.engine.health.remote(), HEALTH_TIMEOUT_S)
-            dead = await asyncio.wait_for(self.hub.dead_replicas.remote(), HEALTH_TIMEOUT_S)
-            if dead:
-                raise EngineDeadError("; ".join(f"replica {r}: {why}" for r, why in dead.items()))
-        except Exception as exc:   # noqa: BLE001 - any failure means "not healthy"
-            return _error(exc, status=503)
-        return JSONResponse({"status": "ok"})
-
-    @app.get("/metrics")
-    async def metrics(self):
-        text = await self.hub.metrics_text.remote()
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.get("/v1/models")
-    async def models(self, request: Request):
-        try:
-            self._authorize(request)
-        except AuthenticationError as exc:
-            return _error(exc)
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "shardline", "root": self.config.model}]}
-
-    # -- generation -------------------------------------------------------------------------
-
-    @app.post("/v1/completions")
-    async def completions(self, request: Request):
-        try:
-            body = await self._parse(request, CompletionRequest)
-            params = body.sampling_params(body.max_tokens, body.logprobs)
-            calls = [{"prompt": p, "params": params} for p in body.prompts()]
-            return await self._respond(body, calls, chat=False)
-        except Exception as exc:   # noqa: BLE001 - every error goes through the one table
-            return _error(exc)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request):
-        try:
-            body = await self._parse(request, ChatCompletionRequest)
-            params = body.sampling_params(body.output_limit, body.num_logprobs)
-            calls = [{"messages": [m.model_dump() for m in body.messages], "params": params,
-                      "add_generation_prompt": body.add_generation_prompt}]
-            return await self._respond(body, calls, chat=True)
-        except Exception as exc:   # noqa: BLE001
-            return _error(exc)
-
-    async def _parse(self, request: Request, model):
-        self._authorize(request)
-        try:
-            data = await request.json()
-        except ValueError as exc:
-            raise _InvalidParam(f"the request body is not JSON: {exc}", None) from exc
-        try:
-            body = model.model_validate(data)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
-            raise _InvalidParam(f"{param}: {first['msg']}" if param else first["msg"], param) from None
-        if body.model != self.model_name:
-            raise ModelNotFoundError(f"the model {body.model!r} does not exist; this server serves "
-                                     f"{self.model_name!r} (GET /v1/models)")
-        return body
-
-    def _authorize(self, request: Request) -> None:
-        key = self.config.api_key
-        if key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            raise AuthenticationError("missing or wrong API key: send the header 'Authorization: Bearer <key>'")
-
-    async def _respond(self, body, calls: list[dict], chat: bool):
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        for i, call in enumerate(calls):
-            call["request_id"] = f"{rid}-{i}"
-        streams = [self.engine.options(stream=True).generate.remote(call) for call in calls]
-        try:
-            firsts = [await s.__anext__() for s in streams]   # raise a rejection here, before the 200
-        except BaseException:
-            for s in streams:
-                s.cancel()
-            raise
-        fmt = _Formatter(rid, self.model_name, body, chat, self.tokenizer)
-        if body.stream:
-            return StreamingResponse(self._sse(fmt, streams, firsts), media_type="text/event-stream")
-        try:
-            outs = []
-            for stream, first in zip(streams, firsts, strict=True):
-                deltas = [first]
-                if not first.finished:
-                    deltas += [d async for d in stream]
-                outs.append(merge_deltas(deltas))
-        finally:
-            for s in streams:
-                s.cancel()
-        return JSONResponse(fmt.full_response(outs))
-
-    async def _sse(self, fmt: "_Formatter", streams: list, firsts: list[RequestOutput]) -> AsyncIterator[str]:
-        try:
-            if fmt.chat:
-                yield _sse(fmt.role_chunk())
-            async for i, delta in _merge(streams, firsts):
-                for chunk in fmt.chunks(i, delta):
-                    yield _sse(chunk)
-            if fmt.body.include_usage:
-                yield _sse(fmt.usage_chunk())
-            yield "data: [DONE]\n\n"
-        except Exception as exc:   # noqa: BLE001 - headers are sent: report in-band, as OpenAI does
-            yield _sse(error_response(exc)[1])
-        finally:
-            for s in streams:
-                s.cancel()   # a disconnected client: abort what is still running
-
-
 async def _merge(streams: list, firsts: list[RequestOutput]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Interleave several engine streams as their outputs arrive: (prompt index, delta)."""
     for i, first in enumerate(firsts):
@@ -302,3 +172,135 @@ def _error(exc: BaseException, status: int | None = None) -> JSONResponse:
     if status is not None:
         code = body["error"]["code"] = status
     return JSONResponse(body, status_code=code)
+
+
+# The deployment class comes last: Serve serializes it when it is decorated, so every module-level
+# helper it uses must already exist by then.
+@serve.deployment(name=INGRESS_DEPLOYMENT)
+@serve.ingress(app)
+class OpenAIIngress:
+    def __init__(self, engine: DeploymentHandle, hub: DeploymentHandle, config: ServeConfig) -> None:
+        self.engine = engine
+        self.hub = hub
+        self.config = config
+        self.model_name = config.model_name
+        self.created = int(time.time())
+        self.tokenizer = Tokenizer.from_file(str(pathlib.Path(config.model).expanduser() / "tokenizer.json"))
+
+    # -- service endpoints ------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self):
+        """200 when an engine replica answers and no replica reported its engine dead; else 503."""
+        try:
+            await asyncio.wait_for(self.engine.health.remote(), HEALTH_TIMEOUT_S)
+            dead = await asyncio.wait_for(self.hub.dead_replicas.remote(), HEALTH_TIMEOUT_S)
+            if dead:
+                raise EngineDeadError("; ".join(f"replica {r}: {why}" for r, why in dead.items()))
+        except Exception as exc:   # noqa: BLE001 - any failure means "not healthy"
+            return _error(exc, status=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics(self):
+        text = await self.hub.metrics_text.remote()
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        try:
+            self._authorize(request)
+        except AuthenticationError as exc:
+            return _error(exc)
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "shardline", "root": self.config.model}]}
+
+    # -- generation -------------------------------------------------------------------------
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        try:
+            body = await self._parse(request, CompletionRequest)
+            params = body.sampling_params(body.max_tokens, body.logprobs)
+            calls = [{"prompt": p, "params": params} for p in body.prompts()]
+            return await self._respond(body, calls, chat=False)
+        except Exception as exc:   # noqa: BLE001 - every error goes through the one table
+            return _error(exc)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        try:
+            body = await self._parse(request, ChatCompletionRequest)
+            params = body.sampling_params(body.output_limit, body.num_logprobs)
+            calls = [{"messages": [m.model_dump() for m in body.messages], "params": params,
+                      "add_generation_prompt": body.add_generation_prompt}]
+            return await self._respond(body, calls, chat=True)
+        except Exception as exc:   # noqa: BLE001
+            return _error(exc)
+
+    async def _parse(self, request: Request, model):
+        self._authorize(request)
+        try:
+            data = await request.json()
+        except ValueError as exc:
+            raise _InvalidParam(f"the request body is not JSON: {exc}", None) from exc
+        try:
+            body = model.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            raise _InvalidParam(f"{param}: {first['msg']}" if param else first["msg"], param) from None
+        if body.model != self.model_name:
+            raise ModelNotFoundError(f"the model {body.model!r} does not exist; this server serves "
+                                     f"{self.model_name!r} (GET /v1/models)")
+        return body
+
+    def _authorize(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise AuthenticationError("missing or wrong API key: send the header 'Authorization: Bearer <key>'")
+
+    async def _respond(self, body, calls: list[dict], chat: bool):
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        for i, call in enumerate(calls):
+            call["request_id"] = f"{rid}-{i}"
+        streams = [self.engine.options(stream=True).generate.remote(call) for call in calls]
+        try:
+            firsts = [await s.__anext__() for s in streams]   # raise a rejection here, before the 200
+        except BaseException:
+            for s in streams:
+                s.cancel()
+            raise
+        fmt = _Formatter(rid, self.model_name, body, chat, self.tokenizer)
+        if body.stream:
+            return StreamingResponse(self._event_stream(fmt, streams, firsts), media_type="text/event-stream")
+        try:
+            outs = []
+            for stream, first in zip(streams, firsts, strict=True):
+                deltas = [first]
+                if not first.finished:
+                    deltas += [d async for d in stream]
+                outs.append(merge_deltas(deltas))
+        finally:
+            for s in streams:
+                s.cancel()
+        return JSONResponse(fmt.full_response(outs))
+
+    async def _event_stream(self, fmt: "_Formatter", streams: list, firsts: list[RequestOutput]) -> AsyncIterator[str]:
+        try:
+            if fmt.chat:
+                yield _sse(fmt.role_chunk())
+            async for i, delta in _merge(streams, firsts):
+                for chunk in fmt.chunks(i, delta):
+                    yield _sse(chunk)
+            if fmt.body.include_usage:
+                yield _sse(fmt.usage_chunk())
+            yield "data: [DONE]\n\n"
+        except Exception as exc:   # noqa: BLE001 - headers are sent: report in-band, as OpenAI does
+            yield _sse(error_response(exc)[1])
+        finally:
+            for s in streams:
+                s.cancel()   # a disconnected client: abort what is still running
