@@ -61,6 +61,10 @@ def shardline_serve(args: list[str], start_timeout: float = 300.0):
         yield Server(f"http://127.0.0.1:{port}", address, {**env, "RAY_ADDRESS": address}, proc, log)
     finally:
         stop_group(proc)
+        keep = os.environ.get("SHARDLINE_KEEP_SERVE_LOGS")   # a folder to copy the server's Ray logs to
+        if keep:
+            shutil.copytree(tmp, Path(keep) / Path(tmp).name, ignore_dangling_symlinks=True, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("*.sock", "sockets", "runtime_resources"))
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -77,11 +81,9 @@ def _wait_for_ready(proc: subprocess.Popen, log: Path, timeout: float) -> str:
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 60.0) -> int | None:
-    """SIGTERM (clean shutdown), then SIGKILL the whole process group if anything is left."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
+    """SIGTERM to the command alone (its clean shutdown needs its Ray alive), then SIGKILL the group."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
     try:
         code = proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
