@@ -54,7 +54,8 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's, "
                    "at most 4096)")
     p.add_argument("--max-num-seqs", type=int, default=128, help="most sequences per engine step (default 128)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations (default float32)")
     p.add_argument("--max-ongoing-requests", type=int, default=256,
                    help="requests served at once per ingress / engine replica (default 256)")
     p.add_argument("--max-queued-requests", type=int, default=64,

@@ -7,7 +7,8 @@
 One thread runs `LLMEngine.step()` while any request is unfinished (a step blocks in
 `executor.execute`, so it cannot run on the event loop) and sleeps otherwise. Requests join the
 running batch between steps (`add_request` is thread-safe). Each request has an asyncio queue on
-its caller's loop; the thread hands it every delta output with `call_soon_threadsafe`. Leaving
+its caller's loop; the thread hands it every delta output with `call_soon_threadsafe`, and a
+reader that fell behind gets the deltas queued so far merged into one. Leaving
 the `async for` early (break, cancellation, a client that went away) aborts the request, which
 frees its KV blocks at the next step. If a step raises (a dead rank), the engine is dead: every
 open stream and every later call raises that error, and `dead` holds its message.
@@ -25,7 +26,7 @@ from scheduler.executor import EngineDeadError
 from scheduler.metrics import EngineMetrics
 from scheduler.request import RequestOutput
 from scheduler.sampling_params import SamplingParams
-from scheduler.streaming import OutputDeltas
+from scheduler.streaming import OutputDeltas, merge_deltas
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +66,13 @@ class AsyncLLMEngine:
             self.metrics.started(request_id)
             self._wake.set()
             while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
+                batch, error = _drain(await queue.get(), queue)
+                if batch:
+                    out = batch[0] if len(batch) == 1 else merge_deltas(batch)
+                    finished = out.finished
+                    yield out
+                if error is not None:
+                    raise error
         finally:
             with self._lock:
                 self._streams.pop(request_id, None)
@@ -139,6 +142,20 @@ class AsyncLLMEngine:
     def _check_alive(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+def _drain(first, queue: asyncio.Queue) -> tuple[list[RequestOutput], BaseException | None]:
+    """`first` plus every delta already queued behind it: a slow reader gets one merged output per
+    read instead of one per step, so the per-message cost of the transport (Serve streaming,
+    SSE) stops growing with the number of steps it fell behind."""
+    batch, item = [], first
+    while True:
+        if isinstance(item, BaseException):
+            return batch, item
+        batch.append(item)
+        if item.finished or queue.empty():
+            return batch, None
+        item = queue.get_nowait()
 
 
 def _put(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item) -> None:

@@ -35,3 +35,25 @@ class OutputDeltas:
     def forget(self, rid: str, n: int) -> None:
         for i in range(n):
             self._sent.pop((rid, i), None)
+
+
+def merge_deltas(deltas: list[RequestOutput]) -> RequestOutput:
+    """The cumulative output that a list of deltas of one request adds up to."""
+    if not deltas:
+        raise ValueError("merge_deltas needs at least one output")
+    by_index: dict[int, CompletionOutput] = {}
+    for d in deltas:
+        for c in d.outputs:
+            prev = by_index.get(c.index)
+            if prev is None:
+                by_index[c.index] = dataclasses.replace(c, token_ids=list(c.token_ids),
+                                                        logprobs=None if c.logprobs is None else list(c.logprobs))
+                continue
+            prev.text += c.text
+            prev.token_ids += c.token_ids
+            if c.logprobs is not None:
+                prev.logprobs = (prev.logprobs or []) + list(c.logprobs)
+            prev.cumulative_logprob, prev.finish_reason, prev.stop_reason = (
+                c.cumulative_logprob, c.finish_reason, c.stop_reason)
+    last = deltas[-1]
+    return dataclasses.replace(last, outputs=[by_index[i] for i in sorted(by_index)])
