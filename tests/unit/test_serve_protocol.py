@@ -88,3 +88,13 @@ def test_metrics_sum_over_replicas_in_prometheus_text():
     assert samples[("shardline:request_success_total", "stop", None)] == 1
     assert samples[("shardline:e2e_request_latency_seconds_count", None, None)] == 2
     assert samples[("shardline:e2e_request_latency_seconds_bucket", None, "0.5")] == 2
+
+
+def test_builder_docstring_examples_hold():
+    """The engine replica's placement group: its own bundle, then one per worker (run, not just read)."""
+    import doctest
+
+    import cluster.serve.builder
+
+    result = doctest.testmod(cluster.serve.builder, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
