@@ -33,6 +33,8 @@ class Server:
     env: dict              # what a second driver needs to join it
     proc: subprocess.Popen
     log: Path
+    exit_code: int | None = None   # after the block: how `shardline serve` ended on SIGTERM
+    final_log: str = ""
 
 
 def ray_env(tmp: str) -> dict:
@@ -56,11 +58,15 @@ def shardline_serve(args: list[str], start_timeout: float = 300.0):
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", *args, "--port", str(port)],
                                 env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = None
     try:
         address = _wait_for_ready(proc, log, start_timeout)
-        yield Server(f"http://127.0.0.1:{port}", address, {**env, "RAY_ADDRESS": address}, proc, log)
+        server = Server(f"http://127.0.0.1:{port}", address, {**env, "RAY_ADDRESS": address}, proc, log)
+        yield server
     finally:
-        stop_group(proc)
+        code = stop_group(proc)
+        if server is not None:
+            server.exit_code, server.final_log = code, log.read_text()
         keep = os.environ.get("SHARDLINE_KEEP_SERVE_LOGS")   # a folder to copy the server's Ray logs to
         if keep:
             shutil.copytree(tmp, Path(keep) / Path(tmp).name, ignore_dangling_symlinks=True, dirs_exist_ok=True,

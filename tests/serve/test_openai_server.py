@@ -37,6 +37,8 @@ def server(tiny_llama_dir):
             "--api-key", API_KEY, "--max-ongoing-requests", "40", "--max-queued-requests", "40"]
     with shardline_serve(args) as srv:
         yield srv
+    # SIGTERM: the command deleted its application and stopped its Ray, and exited 0
+    assert srv.exit_code == 0 and "stopped t" in srv.final_log, srv.final_log[-3000:]
 
 
 @pytest.fixture(scope="module")
