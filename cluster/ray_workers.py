@@ -54,19 +54,23 @@ def reserve_placement_groups(layout: Layout, replicas: list[int], name_prefix: s
                              timeout: float) -> dict[tuple[int, int], PlacementGroup]:
     """One STRICT_PACK group per (replica, stage); never wait on Ray forever.
 
-    Returns {(replica, stage): group}; on a timeout the groups made so far are removed.
+    Returns {(replica, stage): group}; on a timeout (or any error) the groups made so far are removed.
     """
     specs = [g for g in bundles_for(layout.dp, layout.pp, layout.tp, layout.use_gpu, layout.cpus_per_worker)
              if g.replica in replicas]
-    groups = {(s.replica, s.pp_rank): placement_group(list(s.bundles), strategy=s.strategy,
-                                                      name=f"{name_prefix}-r{s.replica}-pp{s.pp_rank}")
-              for s in specs}
-    ready = {groups[(s.replica, s.pp_rank)].ready(): s for s in specs}
-    done, pending = ray.wait(list(ready), num_returns=len(ready), timeout=timeout)
-    if pending:
+    groups: dict[tuple[int, int], PlacementGroup] = {}
+    try:
+        for s in specs:
+            groups[(s.replica, s.pp_rank)] = placement_group(list(s.bundles), strategy=s.strategy,
+                                                             name=f"{name_prefix}-r{s.replica}-pp{s.pp_rank}")
+        ready = {groups[(s.replica, s.pp_rank)].ready(): s for s in specs}
+        done, pending = ray.wait(list(ready), num_returns=len(ready), timeout=timeout)
+        if pending:
+            raise PlacementTimeoutError(placement_message(layout, [ready[r] for r in pending], timeout))
+        ray.get(done)
+    except BaseException:
         remove_groups(list(groups.values()))
-        raise PlacementTimeoutError(placement_message(layout, [ready[r] for r in pending], timeout))
-    ray.get(done)
+        raise
     return groups
 
 
