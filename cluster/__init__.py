@@ -7,5 +7,16 @@ from scheduler.executor import EngineDeadError
 from scheduler.request import CompletionOutput, RequestOutput
 from scheduler.sampling_params import SamplingParams
 
-__all__ = ["LLM", "BeamSearchOutput", "BeamSearchParams", "CompletionOutput", "EngineDeadError",
+
+def connect(name: str = "shardline", address: str | None = None):
+    """The client handle of a running `shardline serve` application (see `cluster.serve.client`).
+
+    Imported lazily: Ray Serve and FastAPI load only when a handle is asked for.
+    """
+    from cluster.serve.client import connect as _connect
+
+    return _connect(name, address)
+
+
+__all__ = ["LLM", "connect", "BeamSearchOutput", "BeamSearchParams", "CompletionOutput", "EngineDeadError",
            "InvalidRequestError", "PromptTooLongError", "RequestOutput", "SamplingParams", "UnknownArgumentError"]

@@ -185,6 +185,9 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_generate,
     _add_preflight,
 ]
+from cluster.serve_cli import SUBCOMMANDS as _SERVE_SUBCOMMANDS  # noqa: E402 - serve, status, stop
+
+SUBCOMMANDS += _SERVE_SUBCOMMANDS
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ def resolve_layer_split(config: EngineConfig, groups: dict[tuple[int, int], Plac
     """`config` with `layer_split="auto"` replaced by counts chosen for where `groups` landed."""
     if config.layer_split != "auto":
         return config
-    if config.pipeline_parallel_size == 1:
+    if config.pipeline_parallel_size == 1 or not groups:   # no groups of ours: one existing (Serve) group
         return dataclasses.replace(config, layer_split=None)
     table = placement_group_table()
     stage_nodes = {key: table[g.id.hex()]["bundles_to_node_id"][0] for key, g in groups.items()}

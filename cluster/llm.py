@@ -16,7 +16,7 @@ import logging
 import os
 import pathlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
@@ -39,6 +39,7 @@ from scheduler.errors import (
 )
 from scheduler.request import RequestOutput
 from scheduler.sampling_params import SamplingParams
+from scheduler.streaming import OutputDeltas
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +59,15 @@ class LLM:
                  data_parallel_size: int = 1, dtype: str = "float32", max_model_len: int | None = None,
                  max_num_seqs: int = 128, max_num_batched_tokens: int = 2048, kv_cache_memory: int | None = None,
                  num_kv_blocks: int | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
-                 seed: int = 0, address: str | None = None, preflight: bool = True, **kwargs) -> None:
+                 seed: int = 0, address: str | None = None, preflight: bool = True, placement=None,
+                 **kwargs) -> None:
         """`preflight`: on a multi-node cluster, check every node first (`cluster.preflight`).
+        `placement`: a `cluster.ray_workers.ExistingGroup` to put the workers in (a Serve replica's group).
 
         Every other keyword is an `EngineConfig` field (e.g. `max_logprobs`, `cpus_per_worker`,
         `step_timeout_s`); anything else is an `UnknownArgumentError` naming the closest valid name."""
         # 1. the arguments: unknown keywords and wrong types fail before anything is read or started
-        reject_unknown(kwargs, CONFIG_KEYWORDS + ("address", "preflight"), "LLM()")
+        reject_unknown(kwargs, CONFIG_KEYWORDS + ("address", "preflight", "placement"), "LLM()")
         check_bool("preflight", preflight, type_err=ConfigTypeError)
         if not isinstance(model, (str, os.PathLike)):
             raise ConfigTypeError(f"model={show(model)} must be a path (str) to a Hugging Face model folder, "
@@ -94,7 +97,7 @@ class LLM:
         self.eos_token_ids = _eos_token_ids(path, hf_config)
         self._hf_tokenizer = None
         # 4. the ranks, then the engine
-        self.executor = self._make_executor(self.config, address, preflight)
+        self.executor = self._make_executor(self.config, address, preflight, placement)
         if getattr(self.executor, "plan", None) is not None:   # the layout and its imbalance, in the log
             logger.info("shard plan:\n%s", self.executor.plan.describe())
         try:
@@ -105,16 +108,17 @@ class LLM:
         self._ids = itertools.count()
 
     @staticmethod
-    def _make_executor(config: EngineConfig, address: str | None, preflight: bool = True):
-        """The one place that picks where the ranks run (on a multi-node cluster, after the pre-flight check)."""
-        if config.world_size * config.data_parallel_size == 1 and address is None:
+    def _make_executor(config: EngineConfig, address: str | None, preflight: bool = True, placement=None):
+        """The one place that picks where the ranks run (on a multi-node cluster, after the pre-flight check;
+        `placement`: a `ray_workers.ExistingGroup`, whose owner already checked its nodes)."""
+        if config.world_size * config.data_parallel_size == 1 and address is None and placement is None:
             from cluster.local_executor import LocalExecutor
             return LocalExecutor(config)
         from cluster.preflight import preflight_if_multinode
         from cluster.ray_executor import RayExecutor
-        joined = preflight_if_multinode(config, address) if preflight else False
+        joined = preflight_if_multinode(config, address) if preflight and placement is None else False
         try:
-            executor = RayExecutor(config, address=address)
+            executor = RayExecutor(config, address=address, placement=placement)
         except BaseException:
             if joined:   # the pre-flight connected this process; nobody else will disconnect it
                 import ray
@@ -179,6 +183,34 @@ class LLM:
             err.outputs, err.rejected = outputs, rejected
             raise err
         return outputs
+
+    def generate_stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+                        request_id: str | None = None) -> Iterator[RequestOutput]:
+        """Yield one prompt's outputs as they are produced: each a delta (new text, token ids, logprobs).
+
+        The last one has `finished=True` and a `finish_reason`. Closing the generator early (break)
+        aborts the request and frees its KV blocks. Over the same `LLMEngine.step()` loop as
+        `generate`; the serving path (`scheduler.async_engine`) yields the same deltas.
+        """
+        limits = self.engine.limits
+        params = validation.check_sampling_params(sampling_params if sampling_params is not None else SamplingParams(),
+                                                  limits)
+        if request_id is not None:
+            check_str("request_id", request_id)
+        text, ids = validation.split_prompt(prompt)   # a str or a {"prompt_token_ids": [...]} dict
+        rid = request_id or f"s{next(self._ids)}"
+        self.engine.add_requests([self.engine.make_request(rid, text if ids is None else ids, params,
+                                                           prompt_text=text)])
+        deltas, finished = OutputDeltas(), False
+        try:
+            while not finished:
+                for o in self.engine.step():
+                    if o.request_id == rid:
+                        finished = o.finished
+                        yield deltas.delta(o)
+        finally:
+            if not finished:   # freed at the start of the next step
+                self._abort([rid])
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | dict | Sequence[SamplingParams | dict] | None = None,

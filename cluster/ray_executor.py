@@ -11,7 +11,10 @@ Start-up (`_start`) is numbered steps; each fails with a message that says what 
     7 load       (inside 6) each rank builds its stage and loads only its own slices
     8 warm-up    one 1-token sequence through every replica's pipeline, then forgotten
 
-Steps 4-8 take a list of replicas so that one replica can later be rebuilt alone.
+Steps 4-8 take a list of replicas so that one replica can later be rebuilt alone. Placement
+groups and actors are made by `cluster.ray_workers`; naming the rank that failed a wait is
+`cluster.ray_failures`. With `placement=ExistingGroup(group)` (a Serve replica) steps 3-4 are
+skipped: the workers go into bundles 1.. of a group the caller reserved, and shutdown leaves it.
 
 Per `execute(steps)`: every `StepInput` is encoded once and sent to every worker of its replica
 at once, so up to P micro-batches are in the pipeline together; Ray runs each actor's calls in
@@ -43,27 +46,26 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import ray
-from ray.exceptions import RayActorError, RayError, RayTaskError
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.exceptions import RayError
+from ray.util.placement_group import PlacementGroup
 
 from cluster.layer_split import plan_for, resolve_layer_split
-from cluster.placement import (
-    GroupSpec,
-    Layout,
-    RankInfo,
-    ResourceError,
-    bundles_for,
-    check_resources,
-    default_cpu_share,
-    rank_grid,
-)
+from cluster.placement import Layout, ResourceError, check_resources, default_cpu_share, rank_grid
 from cluster.ray_connect import connect, worker_runtime_env
-from cluster.worker import ShardWorker
+from cluster.ray_failures import describe_failure, gather_peer_errors
+from cluster.ray_workers import (
+    ExistingGroup,
+    PlacementTimeoutError,
+    Worker,
+    quietly,
+    remove_groups,
+    reserve_placement_groups,
+    spawn_worker,
+    strategy_for,
+)
 from scheduler.config import EngineConfig
 from scheduler.executor import EngineDeadError
 from scheduler.wire import (
@@ -76,43 +78,32 @@ from scheduler.wire import (
     encode_step_input,
 )
 
+__all__ = ["ExistingGroup", "PlacementTimeoutError", "RayExecutor"]
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent   # holds cluster/, sharding/, scheduler/
 INLINE_LIMIT = 100 * 1024       # bigger step messages go through the object store once, not once per rank
 POLL_S = 0.2                    # how often a wait loop looks for failed ranks
-DEATH_GRACE_S = 1.0             # after a rank raises, how long to look for a dead peer to blame instead
-MAX_CAUSE_CHARS = 300           # of a remote exception's text in EngineDeadError
 WARMUP_SEQ_ID = -1              # never a real request's id
-
-
-class PlacementTimeoutError(ResourceError):
-    """A placement group could not be reserved in time (the cluster lacks room where it is needed)."""
-
-
-@dataclass
-class _Worker:
-    rank: RankInfo
-    actor: ray.actor.ActorHandle
-    node_id: str = "?"
-    node_ip: str = "?"
-    pid: int | None = None
-
-    def describe(self) -> str:
-        return f"{self.rank.describe()} on node {self.node_ip} ({self.node_id[:12]}, pid {self.pid})"
 
 
 class RayExecutor:
     """T x P x D `ShardWorker` actors behind the `Executor` protocol (see the module docstring)."""
 
-    def __init__(self, config: EngineConfig, address: str | None = None) -> None:
+    def __init__(self, config: EngineConfig, address: str | None = None,
+                 placement: ExistingGroup | None = None) -> None:
+        if placement is not None and config.data_parallel_size != 1:
+            raise ValueError(f"placement=ExistingGroup holds one replica; got data_parallel_size="
+                             f"{config.data_parallel_size} (a Serve application runs D replicas instead)")
         self.config = config
+        self.placement = placement
         self.num_replicas = config.data_parallel_size
         self.max_in_flight = config.pipeline_parallel_size
         self.num_kv_blocks = 0
         self.max_model_len = 0
         self.ranks = rank_grid(config.data_parallel_size, config.pipeline_parallel_size, config.tensor_parallel_size)
-        self.workers: list[_Worker | None] = [None] * len(self.ranks)   # by global rank
+        self.workers: list[Worker | None] = [None] * len(self.ranks)   # by global rank
         self.groups: dict[tuple[int, int], PlacementGroup] = {}          # (replica, stage) -> group
         self.worker_info: list[dict] = []                                # what each rank's init returned
         self.layout: Layout | None = None
@@ -139,8 +130,9 @@ class RayExecutor:
         self.max_model_len = max_model_len_for(cfg, load_hf_config(cfg.model))
         # 2. connect to a cluster, or start a local one
         self._connect(address)
-        # 3. resources: enough free CPUs/GPUs, with a message that says what is missing
-        self.layout = self._check_resources()
+        # 3. resources: enough free CPUs/GPUs, with a message that says what is missing (an existing
+        #    group was reserved by its owner, who sized its bundles with `cpus_per_worker`)
+        self.layout = self._check_resources() if self.placement is None else self._layout_for({})
         # 4-8. per replica: placement groups, actors, rendezvous + load, warm-up
         self._start_replicas(list(range(self.num_replicas)))
         self.num_kv_blocks = min(info["num_kv_blocks"] for info in self.worker_info)
@@ -149,8 +141,11 @@ class RayExecutor:
                     self.num_kv_blocks)
 
     def _start_replicas(self, replicas: list[int]) -> None:
-        # 4. placement groups, bounded wait; layer_split="auto" is sized for the nodes they landed on
-        self._reserve_placement_groups(replicas)
+        # 4. placement groups, bounded wait (unless the workers go into an existing group);
+        #    layer_split="auto" is then sized for the nodes the groups landed on
+        if self.placement is None:
+            timeout = float(self.config.placement_timeout_s)
+            self.groups.update(reserve_placement_groups(self.layout, replicas, self.name_prefix, timeout))
         self.config = resolve_layer_split(self.config, self.groups)
         self.plan = plan_for(self.config)
         # 5. one actor per rank, pinned to its bundle
@@ -199,40 +194,14 @@ class RayExecutor:
     def _node_totals() -> list[dict]:
         return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
-    def _reserve_placement_groups(self, replicas: list[int]) -> None:
-        """Step 4. One STRICT_PACK group per (replica, stage); never wait on Ray forever."""
-        lay = self.layout
-        specs = [g for g in bundles_for(lay.dp, lay.pp, lay.tp, lay.use_gpu, lay.cpus_per_worker)
-                 if g.replica in replicas]
-        for spec in specs:
-            self.groups[(spec.replica, spec.pp_rank)] = placement_group(
-                list(spec.bundles), strategy=spec.strategy,
-                name=f"{self.name_prefix}-r{spec.replica}-pp{spec.pp_rank}")
-        timeout = float(self.config.placement_timeout_s)
-        ready = {self.groups[(s.replica, s.pp_rank)].ready(): s for s in specs}
-        done, pending = ray.wait(list(ready), num_returns=len(ready), timeout=timeout)
-        if pending:
-            raise PlacementTimeoutError(_placement_message(lay, [ready[r] for r in pending], timeout))
-        ray.get(done)
-
     def _spawn_workers(self, replicas: list[int]) -> None:
-        """Step 5. One actor per rank in its (replica, stage) group, bundle = tp_rank."""
-        lay = self.layout
-        remote_cls = ray.remote(ShardWorker)
+        """Step 5. One actor per rank, pinned to its bundle (see `ray_workers.strategy_for`)."""
         runtime_env = worker_runtime_env(REPO_ROOT)
         for rank in self.ranks:
-            if rank.replica not in replicas:
-                continue
-            strategy = PlacementGroupSchedulingStrategy(
-                placement_group=self.groups[(rank.replica, rank.pp_rank)],
-                placement_group_bundle_index=rank.bundle_index, placement_group_capture_child_tasks=False)
-            actor = remote_cls.options(
-                num_cpus=lay.cpus_per_worker, num_gpus=1 if lay.use_gpu else 0,
-                max_concurrency=1, max_restarts=0, max_task_retries=0,
-                scheduling_strategy=strategy, runtime_env=runtime_env,
-                name=f"{self.name_prefix}-rank{rank.global_rank}",
-            ).remote(lay.cpus_per_worker)
-            self.workers[rank.global_rank] = _Worker(rank, actor)
+            if rank.replica in replicas:
+                strategy = strategy_for(rank, self.groups, self.placement)
+                self.workers[rank.global_rank] = spawn_worker(rank, self.layout, strategy, runtime_env,
+                                                              f"{self.name_prefix}-rank{rank.global_rank}")
 
     def _rendezvous_and_load(self, replicas: list[int]) -> None:
         """Steps 6-7. Every rank of a replica calls init together; all replicas load in parallel."""
@@ -323,31 +292,12 @@ class RayExecutor:
         return [values[r] for r in refs]
 
     def _fail_on_errors(self, errors: dict, pending: list, refs: dict, what: str):
-        """Name the root cause: a rank whose peer died usually raises first (gloo: connection reset),
-        so give the same replica's other calls a moment to report the death, and blame the dead one."""
-        if not any(isinstance(e, RayActorError) for e in errors.values()):
-            replicas = {refs[r].rank.replica for r in errors}
-            peers = [r for r in pending if refs[r].rank.replica in replicas]
-            ready, _ = ray.wait(peers, num_returns=len(peers), timeout=DEATH_GRACE_S) if peers else ([], [])
-            for ref in ready:
-                try:
-                    ray.get(ref)
-                except RayError as e:
-                    errors[ref] = e
-        ref, exc = next(((r, e) for r, e in errors.items() if isinstance(e, RayActorError)),
-                        next(iter(errors.items())))
-        if isinstance(exc, RayActorError):
-            cause = f"died during {what}: {_first_line(exc)}"
-        elif isinstance(exc, RayTaskError):
-            cause = f"raised during {what}: {_cause(exc)}"
-        else:
-            cause = f"failed during {what}: {_first_line(exc)}"
-        others = {refs[r].rank.describe() for r in errors} - {refs[ref].rank.describe()}
-        if others:
-            cause += f" (then {', '.join(sorted(others))} failed too)"
-        self._fail([refs[ref]], cause, exc)
+        """Name the root cause (a dead peer rather than the rank whose recv it broke) and fail."""
+        gather_peer_errors(errors, pending, refs)
+        ref, cause = describe_failure(errors, refs, what)
+        self._fail([refs[ref]], cause, errors[ref])
 
-    def _fail(self, workers: list[_Worker], cause: str, exc: BaseException | None = None):
+    def _fail(self, workers: list[Worker], cause: str, exc: BaseException | None = None):
         """Mark the executor dead, kill the failed replicas' workers, raise EngineDeadError."""
         names = "; ".join(w.describe() for w in workers[:4]) + (" ..." if len(workers) > 4 else "")
         self._dead = f"{names} {cause}"
@@ -360,7 +310,7 @@ class RayExecutor:
     def _kill_replica(self, replica: int) -> None:
         # ray.kill stops the process even if it is blocked in a gloo recv from a dead peer
         for w in self._workers_of([replica]):
-            _quietly(ray.kill, w.actor, no_restart=True)
+            quietly(ray.kill, w.actor, no_restart=True)
 
     def shutdown(self) -> None:
         """Kill every actor, remove every placement group we made, disconnect if we connected. Idempotent."""
@@ -371,12 +321,10 @@ class RayExecutor:
             return
         alive = [w for w in self.workers if w is not None]
         if self._dead is None and alive:   # polite first: leave the process groups (bounded)
-            _quietly(ray.wait, [w.actor.shutdown.remote() for w in alive], num_returns=len(alive), timeout=2.0)
+            quietly(ray.wait, [w.actor.shutdown.remote() for w in alive], num_returns=len(alive), timeout=2.0)
         for w in alive:
-            _quietly(ray.kill, w.actor, no_restart=True)
-        for group in self.groups.values():
-            _quietly(remove_placement_group, group)
-        _quietly(_wait_removed, list(self.groups.values()), timeout_s=5.0)
+            quietly(ray.kill, w.actor, no_restart=True)
+        remove_groups(list(self.groups.values()))   # only our own: an ExistingGroup belongs to its owner
         self.workers = [None] * len(self.ranks)
         self.groups = {}
         if self.started_ray:
@@ -390,7 +338,7 @@ class RayExecutor:
 
     # ------------------------------------------------------------------ helpers
 
-    def _workers_of(self, replicas: list[int]) -> list[_Worker]:
+    def _workers_of(self, replicas: list[int]) -> list[Worker]:
         """Workers of these replicas in global-rank order (so local rank 0 comes first)."""
         return [w for w in self.workers if w is not None and w.rank.replica in replicas]
 
@@ -401,45 +349,3 @@ class RayExecutor:
     def node_ids(self) -> dict[tuple[int, int, int], str]:
         """(replica, pp_rank, tp_rank) -> Ray node id, as reported by each worker."""
         return {(w.rank.replica, w.rank.pp_rank, w.rank.tp_rank): w.node_id for w in self.workers if w}
-
-
-def _wait_removed(groups: list[PlacementGroup], timeout_s: float) -> None:
-    """Wait (bounded) until Ray reports our placement groups removed, so their CPUs are free again."""
-    from ray.util.placement_group import placement_group_table
-
-    ids = {g.id.hex() for g in groups}
-    deadline = time.monotonic() + timeout_s
-    while ids and time.monotonic() < deadline:
-        table = placement_group_table()
-        if all(table.get(i, {}).get("state", "REMOVED") == "REMOVED" for i in ids):
-            return
-        time.sleep(0.05)
-
-
-def _placement_message(layout: Layout, pending: list[GroupSpec], timeout: float) -> str:
-    where = ", ".join(f"(replica {g.replica}, stage {g.pp_rank})" for g in pending)
-    bundle = pending[0].bundles[0]
-    return (f"layout {layout}: could not reserve the placement group of {where} within {timeout:g} s. Each "
-            f"needs {layout.tp} x {bundle} on one node ({pending[0].strategy}); the free resources are spread "
-            f"too thin or taken by others (`ray status` shows them). Lower tensor_parallel_size or "
-            f"cpus_per_worker, free resources, or add a node.")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:MAX_CAUSE_CHARS] if text else type(e).__name__
-
-
-def _cause(e: RayTaskError) -> str:
-    cause = getattr(e, "cause", None)
-    if cause is not None and not isinstance(cause, RayTaskError):
-        return f"{type(cause).__name__}: {str(cause)[:MAX_CAUSE_CHARS]}"
-    return _first_line(e)
-
-
-def _quietly(fn, *args, **kwargs) -> None:
-    """Best-effort clean-up: a failure to clean one thing must not stop cleaning the rest."""
-    try:
-        fn(*args, **kwargs)
-    except Exception:   # noqa: BLE001 - clean-up must go on
-        logger.debug("clean-up step %s failed", getattr(fn, "__name__", fn), exc_info=True)

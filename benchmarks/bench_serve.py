@@ -1,0 +1,279 @@
+"""Serving: HTTP throughput and latency of `shardline serve` against offline `LLM.generate`, same run.
+
+1. start-up: `shardline serve MODEL` (a local Ray, one engine) from process spawn to the first
+   200 from /health;
+2. saturation: the throughput benchmark's seeded workload (benchmarks/workload.py) sent over
+   HTTP with 64 concurrent streams (/v1/completions, token-id prompts, outputs forced to their
+   length), against the same workload through offline `LLM.generate` - an `LLM` with the same
+   layout joined to the same Ray cluster, so both sides run the same Ray executor and the ratio
+   is what serving costs. Rounds alternate (offline, HTTP, HTTP, offline, ...);
+3. latency: TTFT and TPOT p50/p99 at 1 and 8 concurrent streams, and TTFT at 1 stream against
+   the offline first-token time (`LLM.generate_stream`, the same prompts one at a time).
+
+    python benchmarks/bench_serve.py            # 128 requests, prompts 8-128, outputs 8-64
+    python benchmarks/bench_serve.py --quick    # 32 requests, prompts 8-64, outputs 8-32 (a few minutes)
+
+Writes benchmarks/results/serve.json and serve.md (or --json / --output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repo root, for `python benchmarks/...`
+
+# isort: off
+from benchmarks import common  # noqa: E402  (first: it sets OpenMP's wait policy before torch loads)
+# isort: on
+
+from benchmarks.workload import Request, make_requests, summary  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF model folder (default: the bundled SmolLM2)")
+    ap.add_argument("--num-requests", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, nargs=2, default=[8, 128], metavar=("MIN", "MAX"))
+    ap.add_argument("--output-len", type=int, nargs=2, default=[8, 64], metavar=("MIN", "MAX"))
+    ap.add_argument("--concurrency", type=int, default=64, help="streams at saturation (default 64)")
+    ap.add_argument("--latency-requests", type=int, default=16, help="requests per latency level (default 16)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds per side at saturation (default 2)")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--cpus-per-worker", type=float, default=0.5,
+                    help="both engines share the cluster, each worker reserves this (default 0.5)")
+    ap.add_argument("--quick", action="store_true", help="32 requests, prompts 8-64, outputs 8-32, 8 latency requests")
+    ap.add_argument("--json", default=str(RESULTS / "serve.json"))
+    ap.add_argument("--output", default=str(RESULTS / "serve.md"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.num_requests, args.prompt_len, args.output_len, args.latency_requests = 32, [8, 64], [8, 32], 8
+        args.rounds = 1
+    return args
+
+
+# ------------------------------------------------------------------------------------- the server
+
+
+def start_server(model: str, args, env: dict, port: int):
+    cmd = [sys.executable, "-m", "cluster.cli", "serve", model, "--port", str(port), "--tensor-parallel-size",
+           str(args.tp), "--pipeline-parallel-size", str(args.pp), "--max-num-seqs", str(args.max_num_seqs),
+           "--cpus-per-worker", str(args.cpus_per_worker), "--max-ongoing-requests", "256",
+           "--max-queued-requests", "256", "--name", "bench"]
+    log = pathlib.Path(env["RAY_TMPDIR"]) / "serve.log"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    import httpx
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"shardline serve exited:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    startup = time.perf_counter() - t0
+    while "ray cluster:" not in log.read_text():
+        time.sleep(0.1)
+    address = re.search(r"ray cluster: (\S+)", log.read_text()).group(1)
+    return proc, startup, address
+
+
+def stop_server(proc) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# ------------------------------------------------------------------------------------- HTTP client
+
+
+async def one_stream(client, url: str, model: str, req: Request) -> dict:
+    body = {"model": model, "prompt": req.prompt_token_ids, "max_tokens": req.max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first = last = None
+    tokens = 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"]:
+                now = time.perf_counter()
+                first = first or now
+                last = now
+    return {"ttft": first - t0, "tpot": (last - first) / max(tokens - 1, 1), "tokens": tokens}
+
+
+async def http_run(url: str, model: str, reqs: list[Request], concurrency: int) -> tuple[float, list[dict]]:
+    import httpx
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
+        async def go(req):
+            async with sem:
+                return await one_stream(client, url, model, req)
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(go(r) for r in reqs))
+        return time.perf_counter() - t0, results
+
+
+# ------------------------------------------------------------------------------------- offline
+
+
+def offline_run(llm, reqs: list[Request]) -> float:
+    from cluster import SamplingParams
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
+    params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    assert [len(o.outputs[0].token_ids) for o in outs] == [r.max_tokens for r in reqs]
+    return elapsed
+
+
+def offline_first_token(llm, reqs: list[Request]) -> list[float]:
+    from cluster import SamplingParams
+    out = []
+    for r in reqs:
+        t0 = time.perf_counter()
+        stream = llm.generate_stream({"prompt_token_ids": r.prompt_token_ids},
+                                     SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True))
+        next(stream)
+        out.append(time.perf_counter() - t0)
+        for _ in stream:   # finish it, so the next request runs alone
+            pass
+    return out
+
+
+def _percentiles(res: list[dict]) -> dict:
+    return {f"{k}_p{q}": pct([r[k] for r in res], q) for k in ("ttft", "tpot") for q in (50, 99)}
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    model = common.model_path(args.model)
+    tmp = tempfile.mkdtemp(prefix="bs", dir="/tmp")
+    token = pathlib.Path(tmp) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    ray_vars = {"RAY_TMPDIR": tmp, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN_PATH": str(token)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | ray_vars | {"PYTHONPATH": str(REPO)}
+    os.environ.update(ray_vars)   # this process joins the server's Ray for the offline side
+    os.environ.pop("RAY_ADDRESS", None)
+    from sharding.dist import free_port
+    port = free_port("127.0.0.1")
+    from transformers import AutoConfig
+    vocab = AutoConfig.from_pretrained(model).vocab_size
+    reqs = make_requests(args.num_requests, vocab, min_prompt=args.prompt_len[0], max_prompt=args.prompt_len[1],
+                         min_output=args.output_len[0], max_output=args.output_len[1])
+    lat_reqs = make_requests(args.latency_requests, vocab, seed=1, min_prompt=args.prompt_len[0],
+                             max_prompt=args.prompt_len[1], min_output=args.output_len[0],
+                             max_output=args.output_len[1])
+    print(f"workload: {summary(reqs)}; machine: {common.machine_line()}", flush=True)
+    proc, startup, address = start_server(model, args, env, port)
+    print(f"shardline serve healthy after {startup:.1f} s", flush=True)
+    url, name = f"http://127.0.0.1:{port}", pathlib.Path(model).resolve().name
+    try:
+        from cluster import LLM
+        llm = LLM(model, tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, address=address,
+                  max_num_seqs=args.max_num_seqs, cpus_per_worker=args.cpus_per_worker)
+        try:
+            asyncio.run(http_run(url, name, reqs[:4], 4))   # warm both paths once
+            offline_run(llm, reqs[:4])
+            total = sum(r.max_tokens for r in reqs)
+            times = {"offline": [], "http": []}
+            for rnd in range(args.rounds):
+                order = ["offline", "http"] if rnd % 2 == 0 else ["http", "offline"]
+                for side in order:
+                    if side == "offline":
+                        times["offline"].append(offline_run(llm, reqs))
+                    else:
+                        elapsed, res = asyncio.run(http_run(url, name, reqs, args.concurrency))
+                        assert [r["tokens"] for r in res] == [r.max_tokens for r in reqs]
+                        times["http"].append(elapsed)
+                    print(f"round {rnd} {side}: {total / times[side][-1]:.1f} output tok/s", flush=True)
+            latency = {}
+            for c in (1, 8):
+                _, res = asyncio.run(http_run(url, name, lat_reqs, c))
+                latency[c] = res
+            offline_ttft = offline_first_token(llm, lat_reqs)
+        finally:
+            llm.shutdown()
+    finally:
+        stop_server(proc)
+    tput = {side: total * len(ts) / sum(ts) for side, ts in times.items()}
+    result = {
+        "machine": common.machine_line(), "model": model, "workload": summary(reqs),
+        "layout": {"tp": args.tp, "pp": args.pp}, "concurrency": args.concurrency,
+        "startup_to_health_s": startup,
+        "throughput_tok_s": tput, "http_over_offline": tput["http"] / tput["offline"],
+        "latency": {str(c): _percentiles(res) for c, res in latency.items()},
+        "offline_first_token_p50": pct(offline_ttft, 50),
+    }
+    result["ttft_1_over_offline"] = result["latency"]["1"]["ttft_p50"] / result["offline_first_token_p50"]
+    write(result, args)
+    return result
+
+
+def write(result: dict, args) -> None:
+    pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
+    lat = result["latency"]
+    rows = [["offline LLM.generate (same Ray executor)", f"{result['throughput_tok_s']['offline']:.1f}", "1.00"],
+            [f"HTTP, {result['concurrency']} streams", f"{result['throughput_tok_s']['http']:.1f}",
+             f"{result['http_over_offline']:.2f}"]]
+    lrows = [[f"{c} stream(s)", f"{v['ttft_p50'] * 1e3:.0f}", f"{v['ttft_p99'] * 1e3:.0f}",
+              f"{v['tpot_p50'] * 1e3:.1f}", f"{v['tpot_p99'] * 1e3:.1f}"] for c, v in lat.items()]
+    text = "\n\n".join([
+        "## Serving (benchmarks/bench_serve.py)",
+        f"{result['machine']}. Model {pathlib.Path(result['model']).name}, tp={result['layout']['tp']} "
+        f"pp={result['layout']['pp']}; workload: {result['workload']}.",
+        common.markdown_table(["side", "output tokens/s", "ratio to offline"], rows),
+        common.markdown_table(["HTTP load", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms"], lrows),
+        f"TTFT at 1 stream (p50) {lat['1']['ttft_p50'] * 1e3:.0f} ms vs offline first token "
+        f"{result['offline_first_token_p50'] * 1e3:.0f} ms (ratio {result['ttft_1_over_offline']:.2f}). "
+        f"`shardline serve` start-up to first healthy /health: {result['startup_to_health_s']:.1f} s.",
+    ])
+    pathlib.Path(args.output).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

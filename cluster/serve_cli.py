@@ -1,0 +1,241 @@
+"""`shardline serve | status | stop`: run a Shardline Serve application, look at it, stop it.
+
+    shardline serve [MODEL] --tensor-parallel-size T --pipeline-parallel-size P --data-parallel-size D
+                    --name NAME --host 127.0.0.1 --port 8000 [--api-key K] [--detach]
+    shardline status [--address A]
+    shardline stop NAME [--address A]
+
+`serve` in the foreground runs until Ctrl-C or SIGTERM, then deletes its application (Serve
+removes the replicas, their placement groups and, with them, the workers) and, if it started a
+local Ray, stops it. `--detach` deploys onto a running cluster (`ray start --head`; RAY_ADDRESS
+or --address) and returns; `shardline stop NAME` removes it. Handlers follow cluster/cli.py's
+convention: `_add_<name>(subparsers)` declares, `_run_<name>(args) -> int` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+EXIT_OK = 0
+HEALTH_WAIT_S = 600.0
+
+
+def add_serve(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve a model over OpenAI-compatible HTTP and the Python handle (Ray Serve)",
+        description="Deploy MODEL as a Ray Serve application: one Shardline engine (T x P workers) per replica, "
+        "D replicas, an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, "
+        "/health, /metrics) and the Python handle `cluster.connect(NAME)`. Joins RAY_ADDRESS / --address, "
+        "else starts a local Ray. Runs until Ctrl-C / SIGTERM unless --detach.")
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="Hugging Face model folder (default: the bundled SmolLM2-135M-Instruct, prepared on demand)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="T",
+                   help="ranks per stage (default 1)")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, metavar="P",
+                   help="pipeline stages (default 1)")
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1, metavar="D",
+                   help="engine replicas, routed by Serve (default 1)")
+    p.add_argument("--name", default="shardline",
+                   help="application name, for connect(NAME) and stop (default shardline)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model name clients send (default: the model folder's name)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("SHARDLINE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $SHARDLINE_API_KEY, else none)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--detach", action="store_true",
+                   help="deploy and return, leaving the application on the running cluster (needs RAY_ADDRESS or "
+                   "--address); stop it with `shardline stop NAME`")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's, "
+                   "at most 4096)")
+    p.add_argument("--max-num-seqs", type=int, default=128, help="most sequences per engine step (default 128)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations (default float32)")
+    p.add_argument("--max-ongoing-requests", type=int, default=256,
+                   help="requests served at once per ingress / engine replica (default 256)")
+    p.add_argument("--max-queued-requests", type=int, default=64,
+                   help="requests queued beyond that before HTTP answers 503 (default 64)")
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs each worker reserves (default: the cluster's CPUs shared by all workers, at most 1)")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from cluster.model_prep import prepare_model
+    from cluster.serve.config import ServeConfig
+
+    if args.detach and not (args.address or os.environ.get("RAY_ADDRESS")):
+        raise ValueError("--detach needs a running cluster to leave the application on: `ray start --head`, "
+                         "then set RAY_ADDRESS or pass --address")
+    engine_kwargs = {"max_num_seqs": args.max_num_seqs, "dtype": args.dtype}
+    if args.max_model_len is not None:
+        engine_kwargs["max_model_len"] = args.max_model_len
+    config = ServeConfig(
+        model=str(args.model or prepare_model()), served_model_name=args.served_model_name,
+        tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+        data_parallel_size=args.data_parallel_size, api_key=args.api_key,
+        max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
+        cpus_per_worker=args.cpus_per_worker, engine_kwargs=engine_kwargs)
+    started_ray = _join(args.address)
+    try:
+        _deploy(config, args)
+        if args.detach:
+            print(f"detached: stop it with `shardline stop {args.name}`", flush=True)
+            return EXIT_OK
+        _wait_for_signal()
+        return EXIT_OK
+    finally:
+        if not args.detach:
+            _shutdown(args.name, started_ray)
+
+
+def _join(address: str | None) -> bool:
+    import ray
+
+    from cluster.ray_connect import connect
+
+    started = connect(address)
+    print(f"ray cluster: {ray.get_runtime_context().gcs_address}", flush=True)
+    return started
+
+
+def _deploy(config, args: argparse.Namespace) -> None:
+    from ray import serve
+
+    from cluster.serve.builder import build_app
+
+    t0 = time.perf_counter()
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(config, args.name), name=args.name, route_prefix="/", blocking=False)
+    url = f"http://{args.host}:{args.port}"
+    _wait_healthy(url)
+    print(f"serving {config.model_name!r} as application {args.name!r} at {url}/v1 "
+          f"(tp={config.tensor_parallel_size} pp={config.pipeline_parallel_size} dp={config.data_parallel_size}; "
+          f"healthy after {time.perf_counter() - t0:.1f} s)", flush=True)
+
+
+def _wait_healthy(url: str) -> None:
+    import httpx
+
+    deadline = time.monotonic() + HEALTH_WAIT_S
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url}/health did not answer 200 within {HEALTH_WAIT_S:g} s")
+        time.sleep(0.5)
+
+
+def _wait_for_signal() -> None:
+    """Block until Ctrl-C or SIGTERM (turned into KeyboardInterrupt so `finally` cleans up)."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # a background job inherits SIGINT ignored
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", file=sys.stderr, flush=True)
+
+
+def _shutdown(name: str, started_ray: bool) -> None:
+    import ray
+    from ray import serve
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second SIGTERM must not cut the clean-up short
+    try:
+        if name in serve.status().applications:
+            serve.delete(name)
+        if started_ray:
+            serve.shutdown()
+    finally:
+        if started_ray:
+            ray.shutdown()
+    print(f"stopped {name}", file=sys.stderr, flush=True)
+
+
+def add_status(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "status", help="list the Serve applications on the cluster and each Shardline replica's counts",
+        description="Print every Serve application (status, deployments, replicas) and, for Shardline "
+        "applications, per-replica request, token, running/waiting and KV-cache figures.")
+    p.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS, else the local `ray start` one)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_status)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    import json
+
+    from ray import serve
+
+    from cluster.serve.client import ShardlineHandle
+    from cluster.serve.config import HUB_DEPLOYMENT
+
+    _join_existing(args.address)
+    report = {}
+    for name, app in serve.status().applications.items():
+        entry = {"status": str(app.status.value if hasattr(app.status, "value") else app.status),
+                 "deployments": {d: {"status": str(getattr(s.status, "value", s.status)),
+                                     "replicas": {str(getattr(k, "value", k)): v for k, v in s.replica_states.items()}}
+                                 for d, s in app.deployments.items()}}
+        if HUB_DEPLOYMENT in app.deployments:
+            entry["stats"] = ShardlineHandle(name).stats()
+        report[name] = entry
+    if args.json:
+        print(json.dumps(report, default=str))
+        return EXIT_OK
+    if not report:
+        print("no Serve applications")
+    for name, entry in report.items():
+        print(f"{name}: {entry['status']}")
+        for d, s in entry["deployments"].items():
+            print(f"  {d}: {s['status']} {s['replicas']}")
+        for rid, r in entry.get("stats", {}).get("replicas", {}).items():
+            print(f"  replica {rid}: alive={r['alive']} requests={r['num_requests']} "
+                  f"running={r['num_requests_running']} "
+                  f"waiting={r['num_requests_waiting']} kv={r['kv_cache_usage_perc']:.1%} "
+                  f"prompt_tokens={r['prompt_tokens']} generation_tokens={r['generation_tokens']}")
+    return EXIT_OK
+
+
+def add_stop(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "stop", help="delete a Serve application, releasing its actors and placement groups",
+        description="Delete the application NAME (waits until Serve has removed its replicas, their placement "
+        "groups and workers).")
+    p.add_argument("name", metavar="NAME", help="the application name given to `shardline serve --name`")
+    p.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS, else the local `ray start` one)")
+    p.set_defaults(func=run_stop)
+
+
+def run_stop(args: argparse.Namespace) -> int:
+    from ray import serve
+
+    _join_existing(args.address)
+    apps = serve.status().applications
+    if args.name not in apps:
+        raise LookupError(f"no application named {args.name!r} (running: {sorted(apps) or 'none'})")
+    serve.delete(args.name)
+    print(f"stopped {args.name}")
+    return EXIT_OK
+
+
+def _join_existing(address: str | None) -> None:
+    """status / stop look at a running cluster; they never start one."""
+    from cluster.ray_connect import connect
+
+    connect(address or os.environ.get("RAY_ADDRESS") or "auto")
+
+
+SUBCOMMANDS = [add_serve, add_status, add_stop]

@@ -1,0 +1,116 @@
+"""`shardline serve --detach` on a real `ray start --head` (own port, temp dir, token auth, process group).
+
+The command returns; the application outlives it; `connect()` from a fresh driver and from a
+`ray job submit` job (examples/serve_client.py) generate greedy tokens equal to `transformers`
+(a D=1 engine, the same tokens the D=2 server in test_openai_server.py gives); `shardline stop`
+leaves no Shardline actor or placement group behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from sharding.dist import free_port
+from tests.fixtures.reference import hf_greedy
+from tests.serve.conftest import BIN, REPO, ray_env
+
+pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.timeout(600)]
+
+PROMPT = [5, 6, 7]
+SHARDLINE_CLASSES = ("ShardWorker", "ShardlineEngine", "OpenAIIngress", "MetricsHub")
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    tmp = tempfile.mkdtemp(prefix="sd", dir="/tmp")
+    env = ray_env(tmp)
+    dashboard, gcs_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", f"--port={gcs_port}", "--num-cpus=2", f"--dashboard-port={dashboard}",
+         "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--block"],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+                    break
+            except urllib.error.HTTPError:   # 401: up, and asking for the token, as it should
+                break
+            except OSError:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"ray head did not come up at {url}")
+                time.sleep(1)
+        yield url, {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+                head.wait(timeout=20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+
+
+def _run(cmd: list[str], env: dict, timeout: float = 300) -> str:
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    return done.stdout
+
+
+LEFTOVERS = """
+import json, ray
+from ray.util.state import list_actors, list_placement_groups
+ray.init()
+actors = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)]
+groups = [g.placement_group_id for g in list_placement_groups(filters=[("state", "!=", "REMOVED")], limit=1000)]
+print(json.dumps({"actors": actors, "groups": groups}))
+"""
+
+
+def test_detached_app_outlives_the_command_and_serves_drivers_and_jobs(ray_head, tiny_llama_dir):
+    url, env = ray_head
+    port = free_port("127.0.0.1")
+    t0 = time.monotonic()
+    out = _run([sys.executable, "-m", "cluster.cli", "serve", str(tiny_llama_dir), "--detach", "--name", "det",
+                "--port", str(port)], env)
+    assert "detached" in out and "healthy after" in out
+    # the command has exited; the application still answers
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as r:
+        assert r.status == 200
+    want = hf_greedy(str(tiny_llama_dir), PROMPT, 8, stop_at_eos=True)[0]
+    client = [sys.executable, "examples/serve_client.py", "--name", "det", "--max-tokens", "8", "--json",
+              "--token-ids", ",".join(map(str, PROMPT))]
+    res = json.loads(_run(client, env).strip().splitlines()[-1])
+    assert res["generate"] == [want] and res["stream"] == want and res["replicas"] == 1
+    job = [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", ".", "--runtime-env-json",
+           json.dumps({"excludes": [".venv", ".git", "benchmarks/results"]}), "--", "python", *client[1:]]
+    for _ in range(30):   # the head's job agent can lag its dashboard by a few seconds
+        done = subprocess.run(job, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        if "No available agent" not in done.stdout + done.stderr:
+            break
+        time.sleep(2)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert "succeeded" in log
+    res = json.loads(next(line for line in log.splitlines() if line.startswith('{"generate"')))
+    assert res["generate"] == [want] and res["stream"] == want
+    status = _run([sys.executable, "-m", "cluster.cli", "status"], env)
+    assert "det: RUNNING" in status and "requests=" in status
+    # stop: every Shardline actor and placement group is gone
+    assert "stopped det" in _run([sys.executable, "-m", "cluster.cli", "stop", "det"], env)
+    left = json.loads(_run([sys.executable, "-c", LEFTOVERS], env).strip().splitlines()[-1])
+    assert not [a for a in left["actors"] if any(c in a for c in SHARDLINE_CLASSES)], left
+    assert left["groups"] == [], left
+    print(f"detached round trip in {time.monotonic() - t0:.0f} s")

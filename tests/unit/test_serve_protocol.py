@@ -1,0 +1,100 @@
+"""The HTTP edge without processes: request parsing, the one error table, metrics aggregation."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
+
+from cluster.serve.errors import AuthenticationError, ModelNotFoundError, error_response
+from cluster.serve.metrics_hub import _Collector
+from cluster.serve.protocol import ChatCompletionRequest, CompletionRequest
+from scheduler.engine import PromptTooLongError
+from scheduler.executor import EngineDeadError
+from scheduler.metrics import EngineMetrics
+from scheduler.request import CompletionOutput, RequestOutput
+from scheduler.sampling_params import SamplingParamsError
+
+
+def test_unknown_fields_are_rejected_not_ignored():
+    with pytest.raises(ValidationError, match="frobnicate"):
+        CompletionRequest.model_validate({"model": "m", "prompt": "hi", "frobnicate": 1})
+    with pytest.raises(ValidationError, match="name"):
+        ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x",
+                                                                          "name": "bob"}]})
+
+
+def test_request_fields_become_sampling_params():
+    body = CompletionRequest.model_validate({"model": "m", "prompt": [[1, 2], [3]], "max_tokens": 5, "top_k": 3,
+                                             "stop": ["\n"], "logprobs": 2})
+    assert body.prompts() == [[1, 2], [3]]
+    p = body.sampling_params(body.max_tokens, body.logprobs)
+    assert (p.max_tokens, p.top_k, p.stop_strings, p.logprobs) == (5, 3, ["\n"], 2)
+    chat = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                 "max_completion_tokens": 7, "logprobs": True, "top_logprobs": 2})
+    assert (chat.output_limit, chat.num_logprobs) == (7, 2)
+
+
+@pytest.mark.parametrize("exc, status, param", [
+    (SamplingParamsError("temperature=-1 is out of range; allowed: >= 0"), 400, "temperature"),
+    (PromptTooLongError("prompt has 300 tokens but max_model_len is 256"), 400, None),
+    (TypeError("bad type"), 400, None),
+    (ModelNotFoundError("the model 'x' does not exist"), 404, "model"),
+    (AuthenticationError("missing key"), 401, None),
+    (EngineDeadError("rank 1 died"), 503, None),
+    (RuntimeError("boom"), 500, None),
+])
+def test_one_table_maps_errors_to_openai_bodies(exc, status, param):
+    code, body = error_response(exc)
+    assert code == status == body["error"]["code"]
+    assert body["error"]["param"] == param and body["error"]["message"] == str(exc)
+
+
+def test_an_error_with_param_names_it():
+    class InvalidRequestError(ValueError):   # the shape of scheduler.errors.InvalidRequestError
+        param = "messages"
+
+    assert error_response(InvalidRequestError("no messages"))[1]["error"]["param"] == "messages"
+
+
+def _snapshot(tokens: int, reason: str) -> dict:
+    m = EngineMetrics()
+    m.started("r", now=0.0)
+    out = RequestOutput("r", None, [1, 2, 3], [CompletionOutput(0, "ab", list(range(tokens)), 0.0, None, reason)],
+                        True)
+    m.observe(out, now=0.5)
+
+    class _Engine:   # what snapshot() reads
+        schedulers = []
+
+        @staticmethod
+        def all_blocks_free():
+            return True
+
+    return m.snapshot(_Engine)
+
+
+def test_metrics_sum_over_replicas_in_prometheus_text():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    replicas = {"a": (1e18, _snapshot(4, "length")), "b": (1e18, _snapshot(2, "stop"))}
+    registry = CollectorRegistry()
+    registry.register(_Collector("m", replicas))
+    samples = {(s.name, s.labels.get("finished_reason"), s.labels.get("le")): s.value
+               for fam in text_string_to_metric_families(generate_latest(registry).decode()) for s in fam.samples}
+    assert samples[("shardline:generation_tokens_total", None, None)] == 6
+    assert samples[("shardline:prompt_tokens_total", None, None)] == 6
+    assert samples[("shardline:request_success_total", "length", None)] == 1
+    assert samples[("shardline:request_success_total", "stop", None)] == 1
+    assert samples[("shardline:e2e_request_latency_seconds_count", None, None)] == 2
+    assert samples[("shardline:e2e_request_latency_seconds_bucket", None, "0.5")] == 2
+
+
+def test_builder_docstring_examples_hold():
+    """The engine replica's placement group: its own bundle, then one per worker (run, not just read)."""
+    import doctest
+
+    import cluster.serve.builder
+
+    result = doctest.testmod(cluster.serve.builder, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
