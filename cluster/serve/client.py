@@ -20,11 +20,18 @@ from collections.abc import Sequence
 import ray
 from ray import serve
 
-from cluster.llm import PromptType, _normalize_prompts
+from cluster.llm import PromptType
 from cluster.ray_connect import connect as connect_ray
 from cluster.serve.config import DEFAULT_APP_NAME, ENGINE_DEPLOYMENT, HUB_DEPLOYMENT
 from cluster.serve.errors import unwrap
-from scheduler.engine import PromptTooLongError
+from scheduler import validation
+from scheduler.errors import (
+    InvalidRequestError,
+    PromptTooLongError,
+    SamplingParamsError,
+    SamplingParamsTypeError,
+    show,
+)
 from scheduler.request import RequestOutput
 from scheduler.sampling_params import SamplingParams
 
@@ -52,7 +59,7 @@ class ShardlineHandle:
         As `LLM.generate`: rejected prompts do not stop the others; then PromptTooLongError is raised
         with `.outputs` (None for rejected prompts) and `.rejected` ({index: message}).
         """
-        items = _normalize_prompts(prompts)
+        items = _split_prompts(prompts)
         params = _params_per_prompt(sampling_params, len(items))
         batch = uuid.uuid4().hex[:12]
         responses = [self._engine.generate_full.remote(_request(text, ids, p, f"{batch}-{i}"))
@@ -81,7 +88,8 @@ class ShardlineHandle:
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
                request_id: str | None = None) -> Stream:
         """Delta outputs of one prompt as they are produced; iterate with `for` or `async for`."""
-        (text, ids), = _normalize_prompts([prompt])
+        text, ids = validation.split_prompt(prompt)
+        sampling_params = _params_per_prompt(sampling_params, 1)[0]
         rid = request_id or uuid.uuid4().hex
         gen = self._engine.options(stream=True).generate.remote(_request(text, ids, sampling_params, rid))
         return Stream(gen)
@@ -129,10 +137,33 @@ def _request(text: str | None, ids: list[int] | None, params: SamplingParams | N
     return {"prompt": prompt, "params": params, "request_id": rid}
 
 
+def _split_prompts(prompts) -> list[tuple[str | None, list | None]]:
+    """The prompt forms of `LLM.generate`, type-checked here (the engine checks the values)."""
+    items = validation.as_prompt_list(prompts)
+    out = []
+    for i, p in enumerate(items):
+        try:
+            out.append(validation.split_prompt(p))
+        except InvalidRequestError as e:
+            raise e.at(f"prompts[{i}]") if len(items) > 1 else e from None
+    return out
+
+
 def _params_per_prompt(sampling_params, n: int) -> list[SamplingParams | None]:
-    if sampling_params is None or isinstance(sampling_params, SamplingParams):
-        return [sampling_params] * n
-    params = list(sampling_params)
+    """None, one SamplingParams / dict of its fields for all, or one per prompt (bounds: the engine's)."""
+    def one(p, where: str):
+        if p is None or isinstance(p, SamplingParams):
+            return p
+        if isinstance(p, dict):
+            return SamplingParams.from_dict(p)
+        raise SamplingParamsTypeError(f"{where}={show(p)} must be a SamplingParams or a dict of its fields, "
+                                      f"not {type(p).__name__}", "sampling_params", p)
+    if sampling_params is None or isinstance(sampling_params, (SamplingParams, dict)):
+        return [one(sampling_params, "sampling_params")] * n
+    if not isinstance(sampling_params, (list, tuple)):
+        return [one(sampling_params, "sampling_params")] * n
+    params = [one(p, f"sampling_params[{i}]") for i, p in enumerate(sampling_params)]
     if len(params) != n:
-        raise ValueError(f"got {len(params)} sampling_params for {n} prompts; give one, or one per prompt")
+        raise SamplingParamsError(f"got {len(params)} sampling_params for {n} prompts; give one, or one per "
+                                      "prompt", "sampling_params", len(params))
     return params

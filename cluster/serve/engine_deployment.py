@@ -76,9 +76,7 @@ class ShardlineEngine:
                                            add_generation_prompt=request.get("add_generation_prompt", True))
             return self.llm.tokenizer.encode(text, add_special_tokens=False).ids, text
         prompt = request["prompt"]
-        if isinstance(prompt, dict):   # LLM.generate's {"prompt_token_ids": [...], "prompt": text} form
-            return [int(t) for t in prompt["prompt_token_ids"]], prompt.get("prompt")
-        return prompt, None
+        return prompt, None   # text, token ids or a {"prompt_token_ids", "prompt"} dict: the engine validates it
 
     def abort(self, request_id: str) -> bool:
         return self.engine.abort(request_id)

@@ -123,7 +123,8 @@ def _assert_rejected_cleanly(err: BaseException) -> None:
     assert isinstance(err, InvalidRequestError), f"{type(err).__name__} escaped the edge: {err!r}"
     assert err.param is not None, f"no .param on {err!r}"
     msg = str(err)
-    assert err.param in msg or err.param in ("prompt", "prompts", "messages"), msg
+    # the name as given, or its repr when it holds characters a message must escape
+    assert err.param in msg or repr(err.param) in msg or err.param in ("prompt", "prompts", "messages"), msg
 
 
 @settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

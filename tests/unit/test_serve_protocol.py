@@ -37,7 +37,7 @@ def test_request_fields_become_sampling_params():
 
 @pytest.mark.parametrize("exc, status, param", [
     (SamplingParamsError("temperature=-1 is out of range; allowed: >= 0"), 400, "temperature"),
-    (PromptTooLongError("prompt has 300 tokens but max_model_len is 256"), 400, None),
+    (PromptTooLongError("prompt has 300 tokens but max_model_len is 256"), 400, "prompt"),
     (TypeError("bad type"), 400, None),
     (ModelNotFoundError("the model 'x' does not exist"), 404, "model"),
     (AuthenticationError("missing key"), 401, None),
