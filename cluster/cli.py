@@ -62,6 +62,8 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or a local one)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--quantization", default=None,
+                        help="int8, int4[-g32|-g64|-g128] or w8a8 (README: Precision)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--seed", type=int, default=None)
@@ -79,7 +81,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
     model = args.model or str(prepare_model())
     with LLM(model, tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, data_parallel_size=args.dp,
-             dtype=args.dtype, address=args.address) as llm:
+             dtype=args.dtype, address=args.address, quantization=args.quantization) as llm:
         outputs = llm.generate(args.prompts, params, use_tqdm=not args.json)
     for out in outputs:
         c = out.outputs[0]

@@ -38,7 +38,8 @@ class LLM:
                  data_parallel_size: int = 1, dtype: str = "float32", max_model_len: int | None = None,
                  max_num_seqs: int = 128, max_num_batched_tokens: int = 2048, kv_cache_memory: int | None = None,
                  num_kv_blocks: int | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
-                 seed: int = 0, address: str | None = None, **kwargs) -> None:
+                 seed: int = 0, address: str | None = None, quantization: str | None = None,
+                 **kwargs) -> None:
         # 1. the model folder
         path = pathlib.Path(model).expanduser().resolve()
         hf_config = _read_json(path, "config.json", required=True)
@@ -49,6 +50,8 @@ class LLM:
             max_model_len = min(int(limit), DEFAULT_MAX_MODEL_LEN)
         elif max_model_len > limit:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={limit}")
+        if quantization is None:   # a `shardline quantize` folder names its own method
+            quantization = (hf_config.get("quantization_config") or {}).get("method")
         # 2. the config (unknown keyword arguments go to EngineConfig fields, else to `extra`)
         fields = {f.name for f in dataclasses.fields(EngineConfig)}
         extra = {k: v for k, v in kwargs.items() if k not in fields}
@@ -58,7 +61,10 @@ class LLM:
             data_parallel_size=data_parallel_size, dtype=dtype, max_model_len=max_model_len, block_size=block_size,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
             num_kv_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching, seed=seed,
-            extra=extra, **known)
+            quantization=quantization, extra=extra, **known)
+        if self.config.quantization is not None:   # int4 groups vs every rank's slices, before any worker
+            from sharding.quant.validate import check_quantization
+            check_quantization(self.config)
         # 3. tokenizer and EOS ids (as HF generate: generation_config.json, else config.json)
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.eos_token_ids = _eos_token_ids(path, hf_config)

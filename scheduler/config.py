@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+# weight quantization methods (meanings in sharding/quant/spec.py); int4 alone is groups of 64
+SUPPORTED_QUANTIZATION = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "w8a8")
 
 
 class ConfigError(ValueError):
@@ -50,6 +52,9 @@ class EngineConfig:
     """Layers per pipeline stage (must sum to num_hidden_layers); None balances them."""
     collective_timeout_s: float = 120.0
     """Deadline for rendezvous and every collective, so a dead peer never hangs a rank."""
+    quantization: str | None = None
+    """Weight quantization each rank applies to its own slices at load: int8 / int4[-gN] (weight-only,
+    memory first) or w8a8 (dynamic int8 activations, speed first); None keeps `dtype` weights."""
     extra: dict = field(default_factory=dict, hash=False, compare=False)
     """Free-form options for later capabilities (kept out of equality)."""
 
@@ -67,6 +72,13 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_memory={self.kv_cache_memory} must be a positive number of bytes")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError(f"num_kv_blocks={self.num_kv_blocks} must be at least 1")
+        if self.quantization is not None and self.quantization not in SUPPORTED_QUANTIZATION:
+            import difflib
+
+            close = difflib.get_close_matches(str(self.quantization), SUPPORTED_QUANTIZATION, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"quantization={self.quantization!r} is not supported{hint}; choose one of "
+                              f"{', '.join(SUPPORTED_QUANTIZATION)} or None")
         if self.collective_timeout_s <= 0:
             raise ConfigError(f"collective_timeout_s={self.collective_timeout_s} must be positive")
 
