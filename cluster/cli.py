@@ -2,7 +2,8 @@
 
     shardline prepare-model [--cache-dir DIR] [--force]
     shardline generate [--model DIR] [--tp T] [--pp P] [--dp D] [--max-tokens N] [--temperature X]
-                       [--seed S] [--json] PROMPT [PROMPT ...]
+                       [--seed S] [--json] [--quantization M] PROMPT [PROMPT ...]
+    shardline quantize MODEL OUT --method {int8,int4,int4-g32,int4-g64,int4-g128,w8a8}
 
 Each subcommand is one `_add_<name>(subparsers)` function that declares its arguments and sets
 `func` to a `_run_<name>(args) -> int` handler; `main` only dispatches. Handlers import their
@@ -93,10 +94,31 @@ def _run_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_quantize(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "quantize",
+        help="write a pre-quantized copy of a model folder (loadable per slice, any layout)",
+        description="Quantize the decoder linear weights of MODEL into OUT (safetensors + a quantization "
+        "section in config.json). Load OUT like any model folder; each rank reads only its slices.",
+    )
+    parser.add_argument("model", metavar="MODEL", help="Hugging Face model folder")
+    parser.add_argument("out", metavar="OUT", help="output folder")
+    parser.add_argument("--method", required=True, help="int8, int4[-g32|-g64|-g128] or w8a8")
+    parser.set_defaults(func=_run_quantize)
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from sharding.quant.folder import quantize_folder
+
+    print(quantize_folder(args.model, args.out, args.method))
+    return EXIT_OK
+
+
 # Order here is the order in `shardline --help`.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_prepare_model,
     _add_generate,
+    _add_quantize,
 ]
 
 

@@ -14,6 +14,8 @@ everywhere and define what the method computes, so they are the reference the ot
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -85,7 +87,9 @@ class FbgemmDynamic:
     def __init__(self, qw: QuantizedWeight, dtype: torch.dtype):
         out = qw.q.shape[0]
         zeros = torch.zeros(out, dtype=torch.long)
-        qweight = torch._make_per_channel_quantized_tensor(qw.q, qw.scale.double(), zeros, 0)
+        with warnings.catch_warnings():   # quantized tensor types are deprecated; fbgemm's op is not (yet)
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch._make_per_channel_quantized_tensor(qw.q, qw.scale.double(), zeros, 0)
         self.packed = torch.ops.quantized.linear_prepack(qweight, None)
         self.dtype = dtype
         self.nbytes = qw.nbytes   # the prepacked copy is opaque; it holds the same int8 values and scales
