@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sharding.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from sharding.layers.linear import DenseMatmul, LinearBase
+from sharding.layers.linear import DenseMatmul, LinearBase, RowParallelLinear
 from sharding.quant.formats import quantize
 from sharding.quant.kernels import CANDIDATES
 from sharding.quant.select import KernelChoice, choose_kernel
@@ -75,6 +75,21 @@ def check_group_size(stage: nn.Module, spec: QuantSpec, where: str) -> None:
                                 f"{size} input features of {name} on {where}; {fix}")
 
 
+def _whole_row_amax(layer: nn.Module, spec: QuantSpec) -> torch.Tensor | None:
+    """A row-parallel slice holds part of each output row: its int8 scale is the whole row's.
+
+    The max over the TP group makes every layout (and a pre-quantized folder, whose scales are
+    whole-row) quantize to the same values. int4 groups lie inside one rank's columns already.
+    """
+    if spec.kind == "int4" or not isinstance(layer, RowParallelLinear) or layer.groups.tp_group is None:
+        return None
+    import torch.distributed as dist
+
+    amax = layer.weight.float().abs().amax(dim=1)
+    dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=layer.groups.tp_group)
+    return amax
+
+
 def weight_bytes(stage: nn.Module) -> tuple[int, int]:
     """(decoder linear weight bytes, LM head bytes beyond a tied embedding) of a dense stage."""
     tied = _tied_ids(stage)
@@ -103,7 +118,7 @@ def quantize_stage(stage: nn.Module, spec: QuantSpec | str, batch_size: int, whe
     choices: dict[tuple[int, int], KernelChoice] = {}
     for name, layer in quantizable_layers(stage, spec):
         w = layer.weight
-        qw = quantize(w, spec.kind, spec.group_size)
+        qw = quantize(w, spec.kind, spec.group_size, _whole_row_amax(layer, spec))
         shape = tuple(w.shape)
         if shape in choices:   # same shape: same kernel, built on this layer's own weight
             kernel = next(c for c in CANDIDATES[spec.kind] if c.name == choices[shape].kernel)(qw, w.dtype)

@@ -41,10 +41,14 @@ class QuantizedWeight:
         return out
 
 
-def quantize_int8(w: torch.Tensor) -> QuantizedWeight:
-    """Symmetric per-output-channel int8: the largest |w| of each row maps to 127."""
+def quantize_int8(w: torch.Tensor, row_amax: torch.Tensor | None = None) -> QuantizedWeight:
+    """Symmetric per-output-channel int8: the largest |w| of each row maps to 127.
+
+    `row_amax` overrides the rows' largest |w| (a row-parallel slice passes its whole row's).
+    """
     w = w.float()
-    scale = (w.abs().amax(dim=1) / 127).clamp_min(_TINY)
+    amax = w.abs().amax(dim=1) if row_amax is None else row_amax
+    scale = (amax / 127).clamp_min(_TINY)
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return QuantizedWeight("int8", q, scale)
 
@@ -80,11 +84,12 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
     return ((q - 8) * qw.scale[..., None] + qw.zero[..., None]).reshape(out, inp).to(dtype)
 
 
-def quantize(w: torch.Tensor, kind: str, group_size: int = 0) -> QuantizedWeight:
+def quantize(w: torch.Tensor, kind: str, group_size: int = 0,
+             row_amax: torch.Tensor | None = None) -> QuantizedWeight:
     """Quantize one weight slice for a method kind ("int8", "int4" or "w8a8")."""
     if kind == "int4":
         return quantize_int4(w, group_size)
-    return quantize_int8(w)
+    return quantize_int8(w, row_amax)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
