@@ -103,7 +103,7 @@ def run_one(name: str, model: str, requests: int) -> dict:
     thr_s = common.timed(lambda: llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in reqs], params,
                                               use_tqdm=False))
     llm.shutdown()
-    return {"name": name, "dtype": dtype, "quantization": quant, "load_s": load_s,
+    return {"name": name, "requests": requests, "dtype": dtype, "quantization": quant, "load_s": load_s,
             "perplexity": math.exp(-sum(lps) / len(lps)), "text_tokens": len(ids), "greedy_tokens": agree,
             "decode_ms_per_token": 1e3 * decode_s / DECODE_TOKENS,
             "throughput_tok_s": sum(r.max_tokens for r in reqs) / thr_s,
@@ -164,6 +164,8 @@ def main() -> None:
     ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="benchmarks/results/precision", help="writes OUT.json and OUT.md")
     ap.add_argument("--append-md", default=None, help="also append the table to this file (run_all.py)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse /tmp/bench_precision_NAME.json of an earlier run with the same --requests")
     args = ap.parse_args()
     model = common.model_path(args.model)
     if args.one:
@@ -174,6 +176,9 @@ def main() -> None:
     from tqdm.auto import tqdm
     for name in tqdm(names, desc="precisions"):
         out = pathlib.Path(f"/tmp/bench_precision_{name}.json")
+        if args.reuse and out.is_file() and json.loads(out.read_text()).get("requests") == args.requests:
+            results.append(json.loads(out.read_text()))
+            continue
         subprocess.run([sys.executable, __file__, "--one", name, "--json-out", str(out), "--model", model,
                         "--requests", str(args.requests)], check=True)
         results.append(json.loads(out.read_text()))
