@@ -2,8 +2,9 @@
 
     shardline prepare-model [--cache-dir DIR] [--force]
     shardline generate [--model DIR] [--tp T] [--pp P] [--dp D] [--max-tokens N] [--temperature X]
-                       [--seed S] [--json] [PROMPT | - ...]     (- or a pipe: prompts from stdin)
+                       [--seed S] [--json] [--quantization M] [PROMPT | - ...]     (- or a pipe: prompts from stdin)
     shardline preflight --model DIR [--tensor-parallel-size T] [--pipeline-parallel-size P] [--address A]
+    shardline quantize MODEL OUT --method {int8,int4,int4-g32,int4-g64,int4-g128,w8a8}
 
 Each subcommand is one `_add_<name>(subparsers)` function that declares its arguments and sets
 `func` to a `_run_<name>(args) -> int` handler; `main` only dispatches. Handlers import their
@@ -65,6 +66,8 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or a local one)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--quantization", default=None,
+                        help="int8, int4[-g32|-g64|-g128] or w8a8 (README: Precision)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--seed", type=int, default=None)
@@ -118,7 +121,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         prompts = _read_prompts(args)
         model = args.model or str(prepare_model())
         with LLM(model, tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, data_parallel_size=args.dp,
-                 dtype=args.dtype, address=args.address) as llm:
+                 dtype=args.dtype, address=args.address, quantization=args.quantization) as llm:
             try:
                 outputs = llm.generate(prompts, params, use_tqdm=not args.json)
             except PromptTooLongError as e:   # the prompts that fit completed: print them, then the error
@@ -179,11 +182,32 @@ def _run_preflight(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_quantize(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "quantize",
+        help="write a pre-quantized copy of a model folder (loadable per slice, any layout)",
+        description="Quantize the decoder linear weights of MODEL into OUT (safetensors + a quantization "
+        "section in config.json). Load OUT like any model folder; each rank reads only its slices.",
+    )
+    parser.add_argument("model", metavar="MODEL", help="Hugging Face model folder")
+    parser.add_argument("out", metavar="OUT", help="output folder")
+    parser.add_argument("--method", required=True, help="int8, int4[-g32|-g64|-g128] or w8a8")
+    parser.set_defaults(func=_run_quantize)
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from sharding.quant.folder import quantize_folder
+
+    print(quantize_folder(args.model, args.out, args.method))
+    return EXIT_OK
+
+
 # Order here is the order in `shardline --help`.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_prepare_model,
     _add_generate,
     _add_preflight,
+    _add_quantize,
 ]
 from cluster.serve_cli import SUBCOMMANDS as _SERVE_SUBCOMMANDS  # noqa: E402 - serve, status, stop
 

@@ -59,9 +59,11 @@ class LLM:
                  data_parallel_size: int = 1, dtype: str = "float32", max_model_len: int | None = None,
                  max_num_seqs: int = 128, max_num_batched_tokens: int = 2048, kv_cache_memory: int | None = None,
                  num_kv_blocks: int | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
-                 seed: int = 0, address: str | None = None, preflight: bool = True, placement=None,
-                 **kwargs) -> None:
+                 seed: int = 0, address: str | None = None, quantization: str | None = None, preflight: bool = True,
+                 placement=None, **kwargs) -> None:
         """`preflight`: on a multi-node cluster, check every node first (`cluster.preflight`).
+        `quantization`: int8 / int4[-gN] / w8a8, each rank quantizing its own slices at load (a
+        `shardline quantize` folder names its own).
         `placement`: a `cluster.ray_workers.ExistingGroup` to put the workers in (a Serve replica's group).
 
         Every other keyword is an `EngineConfig` field (e.g. `max_logprobs`, `cpus_per_worker`,
@@ -80,9 +82,13 @@ class LLM:
             model=str(path), tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
             data_parallel_size=data_parallel_size, dtype=dtype, max_model_len=max_model_len, block_size=block_size,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
-            num_kv_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching, seed=seed, **kwargs)
+            num_kv_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching, seed=seed,
+            quantization=quantization, **kwargs)
         # 2. the model folder
         hf_config = _read_json(path, "config.json", required=True)
+        if quantization is None and (hf_config.get("quantization_config") or {}).get("method"):
+            # a `shardline quantize` folder names its own method
+            config = dataclasses.replace(config, quantization=hf_config["quantization_config"]["method"])
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"model folder {path} has no tokenizer.json; Shardline needs a fast tokenizer file")
         limit = hf_config.get("max_position_embeddings") or hf_config.get("n_positions") or DEFAULT_MAX_MODEL_LEN
@@ -92,6 +98,9 @@ class LLM:
             raise ConfigError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={limit}",
                               "max_model_len", max_model_len)
         self.config = dataclasses.replace(config, max_model_len=max_model_len)
+        if self.config.quantization is not None:   # int4 groups vs every rank's slices, before any worker
+            from sharding.quant.validate import check_quantization
+            check_quantization(self.config)
         # 3. tokenizer and EOS ids (as HF generate: generation_config.json, else config.json)
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.eos_token_ids = _eos_token_ids(path, hf_config)

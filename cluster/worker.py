@@ -64,7 +64,7 @@ class ShardWorker:
         self.runner = ModelRunner(config, self.groups)
         t3 = time.perf_counter()
         return {"rank": rank, "num_kv_blocks": self.runner.num_kv_blocks, "loaded_bytes": self.runner.loaded_bytes,
-                "device": str(self.groups.device), "backend": self.groups.backend,
+                "device": str(self.groups.device), "backend": self.groups.backend, "quant": self.runner.quant_report,
                 "seconds": {"import": t1 - t0, "rendezvous": t2 - t1, "load": t3 - t2}, **self.where()}
 
     def execute(self, step_bytes: bytes) -> bytes | None:

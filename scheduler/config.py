@@ -16,6 +16,8 @@ __all__ = ["SUPPORTED_DTYPES", "ConfigError", "ConfigTypeError", "EngineConfig"]
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 _ERR = {"err": ConfigError, "type_err": ConfigTypeError}
+# weight quantization methods (meanings in sharding/quant/spec.py); int4 alone is groups of 64
+SUPPORTED_QUANTIZATION = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "w8a8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +77,9 @@ class EngineConfig:
     """Deadline for rendezvous + loading + warm-up; None: collective_timeout_s + 300."""
     step_timeout_s: float | None = None
     """Deadline for one step on the Ray workers; None: collective_timeout_s."""
+    quantization: str | None = None
+    """Weight quantization each rank applies to its own slices at load: int8 / int4[-gN] (weight-only,
+    memory first) or w8a8 (dynamic int8 activations, speed first); None keeps `dtype` weights."""
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
@@ -107,6 +112,15 @@ class EngineConfig:
                 check_number(name, getattr(self, name), "> 0 (or None for the default)", positive[1], **_ERR)
         if self.use_gpu is not None:
             check_bool("use_gpu", self.use_gpu, type_err=ConfigTypeError)
+        if self.quantization is not None:
+            check_str("quantization", self.quantization, type_err=ConfigTypeError)
+            if self.quantization not in SUPPORTED_QUANTIZATION:
+                import difflib
+
+                close = difflib.get_close_matches(self.quantization, SUPPORTED_QUANTIZATION, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"quantization={self.quantization!r} is not supported{hint}; choose one of "
+                                  f"{', '.join(SUPPORTED_QUANTIZATION)} or None", "quantization", self.quantization)
 
     def _check_layer_split(self) -> None:
         split = self.layer_split

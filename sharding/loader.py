@@ -77,14 +77,34 @@ def _owned_parameters(stage: nn.Module):
             yield (f"{mname}.{pname}" if mname else pname), param, module
 
 
+def _prequantized(model_dir: Path, quantization: str | None) -> dict | None:
+    """A `shardline quantize` folder's quantization section (None for a plain folder)."""
+    from sharding.quant.folder import folder_quant_config
+    qcfg = folder_quant_config(model_dir)
+    if qcfg is not None and qcfg["method"] != quantization:
+        raise ValueError(f"{model_dir} is quantized with {qcfg['method']!r}; "
+                         f"load it with quantization={qcfg['method']!r}")
+    return qcfg
+
+
+def _open_slice(handle, name: str, qcfg: dict | None):
+    """The tensor's slice handle; for a pre-quantized weight, one that dequantizes what is read."""
+    if qcfg and name.endswith(".q"):
+        from sharding.quant.folder import QuantizedSlice
+        return QuantizedSlice(handle, name, qcfg)
+    return handle.get_slice(name)
+
+
 @dataclass
 class LoadReport:
     loaded_bytes: int
     tensors: int
+    quant: dict | None = None    # sharding.quant.QuantReport.to_dict() when quantized at load
 
 
 def load_stage(hf_config, plan: ShardPlan, groups: ParallelGroups, model_dir: str | Path,
-               dtype: str = "float32") -> tuple[nn.Module, LoadReport]:
+               dtype: str = "float32", quantization: str | None = None,
+               batch_size: int = 64) -> tuple[nn.Module, LoadReport]:
     """The stage for (groups.pp_rank, groups.tp_rank), with its slices loaded onto groups.device."""
     model_dir = Path(model_dir)
     torch_dtype = check_dtype(dtype, groups.device)
@@ -100,6 +120,7 @@ def load_stage(hf_config, plan: ShardPlan, groups: ParallelGroups, model_dir: st
         shared = "lm_head.weight"
 
     index = checkpoint_index(model_dir)
+    qcfg = _prequantized(model_dir, quantization)
     loaded = tensors = 0
     with ExitStack() as files:
         handles: dict[Path, object] = {}
@@ -107,7 +128,7 @@ def load_stage(hf_config, plan: ShardPlan, groups: ParallelGroups, model_dir: st
             if pname == shared:
                 continue
             for ckpt_name, shard_id in stage.checkpoint_names(pname):
-                found = _resolve(ckpt_name, index)
+                found = _resolve(ckpt_name, index) or (qcfg and _resolve(ckpt_name + ".q", index))
                 if found is None:
                     raise CheckpointError(f"{model_dir}: tensor {ckpt_name!r} (for parameter {pname}) is in no "
                                           "checkpoint file; is this the right model folder?")
@@ -118,9 +139,13 @@ def load_stage(hf_config, plan: ShardPlan, groups: ParallelGroups, model_dir: st
                 if path not in handles:
                     handles[path] = files.enter_context(safe_open(str(path), framework="pt"))
                 try:
-                    sl = handles[path].get_slice(found)
+                    sl = _open_slice(handles[path], found, qcfg)
                 except Exception as e:   # safetensors raises its own error type
                     raise CheckpointError(f"{path}: cannot read tensor {found!r}: {e}") from e
                 loaded += owner.weight_loader(param, sl, f"{path.name}:{found}", shard_id)
                 tensors += 1
-    return stage.eval(), LoadReport(loaded_bytes=loaded, tensors=tensors)
+    report = LoadReport(loaded_bytes=loaded, tensors=tensors)
+    if quantization is not None:   # this rank quantizes only the slices it just loaded
+        from sharding.quant import quantize_stage
+        report.quant = quantize_stage(stage, quantization, batch_size, where=f"rank {groups.rank}").to_dict()
+    return stage.eval(), report

@@ -85,8 +85,10 @@ class ModelRunner:
         self.plan = ShardPlan.build(self.hf_config, config.tensor_parallel_size, config.pipeline_parallel_size,
                                     config.layer_split)
         self.max_model_len = max_model_len_for(config, self.hf_config)
-        self.model, report = load_stage(self.hf_config, self.plan, groups, config.model, config.dtype)
+        self.model, report = load_stage(self.hf_config, self.plan, groups, config.model, config.dtype,
+                                        config.quantization, config.max_num_seqs)
         self.loaded_bytes = report.loaded_bytes
+        self.quant_report = report.quant   # kernels chosen and bytes held, when quantized
         self.dtype = DTYPES[config.dtype]
         self.num_kv_blocks = num_kv_blocks_for(config, self.plan, self.hf_config)
         self.block_size = config.block_size

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sharding.dist import ParallelGroups, tp_all_gather_last_dim, tp_all_reduce
-from sharding.layers.linear import WeightShapeError, copy_checked
+from sharding.layers.linear import DenseMatmul, WeightShapeError, copy_checked
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -59,11 +59,13 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Logits for this rank's vocabulary rows, gathered so the sampler sees the whole vocabulary.
 
     With tied embeddings the same checkpoint tensor is read (and, on a stage that also embeds,
-    the same parameter is shared).
+    the same parameter is shared). `matmul` is the linear layers' seam too (w8a8 replaces it).
     """
+
+    matmul = DenseMatmul()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [n, hidden] -> local logits [n, rows of this rank] -> all-gather -> [n, vocab]
-        local = F.linear(hidden, self.weight)
+        local = self.matmul.apply(self, hidden)
         logits = tp_all_gather_last_dim(local, self.groups, self.shard_sizes)
         return logits[:, : self.vocab_size]

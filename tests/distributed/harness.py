@@ -29,6 +29,7 @@ class Job:
     new_tokens: int
     dtype: str = "float32"
     block_size: int = 16
+    quantization: str | None = None
 
 
 @dataclass
@@ -41,6 +42,7 @@ class RankResult:
     rss_before_kb: int = 0
     peak_rss_kb: int = 0
     peak_anon_kb: int = 0
+    quant: dict | None = None                # the rank's QuantReport, when quantized
 
 
 def _rss_anon_kb() -> int:
@@ -71,13 +73,15 @@ def _run_job(job: Job, tp: int, pp: int, groups) -> RankResult:
     need = max(len(p) for p in job.prompts) + job.new_tokens
     blocks_per_seq = -(-need // job.block_size)
     config = EngineConfig(model=job.model, tensor_parallel_size=tp, pipeline_parallel_size=pp, dtype=job.dtype,
-                          block_size=job.block_size, num_kv_blocks=blocks_per_seq * len(job.prompts) + 1)
+                          block_size=job.block_size, quantization=job.quantization,
+                          num_kv_blocks=blocks_per_seq * len(job.prompts) + 1)
     runner = ModelRunner(config, groups)
     done.set()
     t.join()
     res.peak_anon_kb = max(peak[0], _rss_anon_kb())
     res.peak_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     res.loaded_bytes = runner.loaded_bytes
+    res.quant = runner.quant_report
 
     greedy = SeqSampling(temperature=0.0)
     new = [NewSequence(i, list(p), len(p), list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq)), greedy)

@@ -1,0 +1,197 @@
+"""Precision and quantization: accuracy, memory and speed of fp32, bf16, int8, int4 and w8a8.
+
+Bundled SmolLM2-135M, one rank in-process (`LLM`, local executor), 2 threads. Each precision
+runs in its own child process (so peak RSS is its own), one after the other; ratios are to
+fp32 measured in the same run.
+
+- accuracy: perplexity of a fixed English text written into the repo
+  (benchmarks/data/pride_and_prejudice_ch1.txt: the opening of Jane Austen's "Pride and
+  Prejudice", chapter 1, public domain), from every position's logits computed by Shardline's
+  own stage (runner input preparation + stage forward + LM head); greedy agreement with fp32:
+  mean tokens before the first divergence over 32 prompts (16-token slices of the same text)
+  x 64 greedy tokens.
+- memory: decoder linear-weight bytes, LM-head bytes beyond the tied embedding, peak RSS of the
+  process; the memory floor of one decode step (bytes of every weight read per token / the
+  read bandwidth measured in the same run).
+- speed: batch-1 decode (ms per output token, 64 tokens), offline throughput (the throughput
+  benchmark's seeded workload, --requests requests, prompts 8-128, outputs 8-64 tokens), and
+  the kernel each quantized weight shape uses with its measured time ratio to the dense matmul.
+
+    python benchmarks/bench_precision.py                 # all five precisions, 32 requests
+    python benchmarks/bench_precision.py --only fp32 int8 --requests 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+# isort: off
+from benchmarks import common  # noqa: E402  (first: it sets OpenMP's wait policy before torch loads)
+# isort: on
+
+PRECISIONS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("float32", "int8"),
+              "int4": ("float32", "int4"), "w8a8": ("float32", "w8a8")}
+TEXT = pathlib.Path(__file__).resolve().parent / "data" / "pride_and_prejudice_ch1.txt"
+NUM_PROMPTS, PROMPT_LEN, GREEDY_TOKENS, DECODE_TOKENS = 32, 16, 64, 64
+CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni", "avx_vnni")
+
+
+def cpu_flags() -> dict[str, bool]:
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    return {f: f in flags for f in CPU_FLAGS}
+
+
+def text_logprobs(runner, ids: list[int]) -> list[float]:
+    """log p(ids[i] | ids[:i]) for i >= 1, from every position's logits of one prefill."""
+    import torch
+
+    from scheduler.wire import NewSequence, ScheduledSequence, SeqSampling, StepInput
+    seq_id, blocks = 10**9, list(range(1, math.ceil(len(ids) / runner.block_size) + 1))
+    step = StepInput(step_id=10**9, new_sequences=[NewSequence(seq_id, ids, len(ids), blocks, SeqSampling(0.0))],
+                     scheduled=[ScheduledSequence(seq_id, 0, len(ids), True)])
+    with torch.inference_mode():
+        runner._update_cache(step)
+        tokens, meta = runner._prepare(step)
+        x = runner.model(runner.model.embed(tokens, meta.positions), runner.kv_caches, meta)
+        logprobs = torch.log_softmax(runner.model.logits(x), dim=-1)
+        runner.seqs.pop(seq_id)
+    return logprobs[:-1].gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1).tolist()
+
+
+def run_one(name: str, model: str, requests: int) -> dict:
+    """Everything measured for one precision, in this process."""
+    common.set_threads(2)
+    from benchmarks.workload import make_requests
+    from cluster import LLM, SamplingParams
+    from sharding.quant.apply import weight_bytes
+
+    dtype, quant = PRECISIONS[name]
+    t0 = time.perf_counter()
+    llm = LLM(model, dtype=dtype, quantization=quant, max_num_seqs=32, max_num_batched_tokens=2048,
+              kv_cache_memory=256 * 2**20)
+    load_s = time.perf_counter() - t0
+    runner = llm.executor.runner
+    report = runner.quant_report
+    if report is None:
+        linear, head = weight_bytes(runner.model)
+        report = {"linear_weight_bytes": linear, "lm_head_bytes": head, "kernels": {}}
+    embed = runner.model.tied_embedding()
+    embed_bytes = embed.weight.numel() * embed.weight.element_size() if embed is not None else 0
+    ids = llm.tokenizer.encode(TEXT.read_text()).ids
+    lps = text_logprobs(runner, ids)
+    greedy = SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, ignore_eos=True)
+    prompts = [{"prompt_token_ids": ids[i * 20:i * 20 + PROMPT_LEN]} for i in range(NUM_PROMPTS)]
+    agree = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    one = SamplingParams(temperature=0, max_tokens=DECODE_TOKENS, ignore_eos=True)
+    decode_s = min(common.timed(lambda: llm.generate([prompts[0]], one, use_tqdm=False)) for _ in range(2))
+    reqs = make_requests(requests, vocab_size=49152, max_prompt=128, max_output=64)
+    params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
+    thr_s = common.timed(lambda: llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in reqs], params,
+                                              use_tqdm=False))
+    llm.shutdown()
+    return {"name": name, "requests": requests, "dtype": dtype, "quantization": quant, "load_s": load_s,
+            "perplexity": math.exp(-sum(lps) / len(lps)), "text_tokens": len(ids), "greedy_tokens": agree,
+            "decode_ms_per_token": 1e3 * decode_s / DECODE_TOKENS,
+            "throughput_tok_s": sum(r.max_tokens for r in reqs) / thr_s,
+            "linear_weight_bytes": report["linear_weight_bytes"], "lm_head_bytes": report["lm_head_bytes"],
+            "embedding_bytes": embed_bytes, "kernels": report["kernels"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def agreement(tokens: list[list[int]], ref: list[list[int]]) -> float:
+    """Mean number of tokens before the first divergence from the reference."""
+    def prefix(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return sum(prefix(a, b) for a, b in zip(tokens, ref)) / len(ref)
+
+
+def kernel_summary(kernels: dict) -> str:
+    if not kernels:
+        return "dense (F.linear)"
+    return ", ".join(f"{shape}: {k['kernel']} ({k['ratio_to_dense'][0]:.2f}/{k['ratio_to_dense'][1]:.2f})"
+                     for shape, k in kernels.items())
+
+
+def report(results: list[dict], bandwidth_gbs: float, flags: dict) -> str:
+    base = next(r for r in results if r["name"] == "fp32")
+    rows, krows = [], []
+    for r in results:
+        read = r["linear_weight_bytes"] + r["lm_head_bytes"] + r["embedding_bytes"]   # bytes read per decode step
+        rows.append([r["name"], f"{r['perplexity']:.3f}", f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.2f} %",
+                     f"{agreement(r['greedy_tokens'], base['greedy_tokens']):.1f} / {GREEDY_TOKENS}",
+                     f"{r['linear_weight_bytes'] / 2**20:.1f}",
+                     f"{base['linear_weight_bytes'] / r['linear_weight_bytes']:.2f}x",
+                     f"{r['lm_head_bytes'] / 2**20:.1f}", f"{r['peak_rss_mb']:.0f}",
+                     f"{r['decode_ms_per_token']:.1f}",
+                     f"{base['decode_ms_per_token'] / r['decode_ms_per_token']:.2f}x",
+                     f"{1e3 * read / (bandwidth_gbs * 1e9):.2f}",
+                     f"{r['throughput_tok_s']:.1f}", f"{r['throughput_tok_s'] / base['throughput_tok_s']:.2f}x"])
+        for shape, k in r["kernels"].items():
+            cands = ", ".join(f"{n} {v[0]:.3f}/{v[1]:.3f}" for n, v in k["ms"].items())
+            rejected = "; ".join(f"{n}: {w}" for n, w in k["rejected"].items())
+            krows.append([r["name"], shape, k["kernel"], cands, rejected])
+    headers = ["precision", "perplexity", "vs fp32", "greedy agreement", "linear MiB", "smaller",
+               "LM head extra MiB", "peak RSS MiB", "decode ms/token", "decode speed-up",
+               "memory floor ms/token", "throughput tok/s", "throughput ratio"]
+    flag_text = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items())
+    return "\n\n".join([
+        "## Precision (bench_precision.py)", common.machine_line(), f"CPU features: {flag_text}; "
+        f"read bandwidth {bandwidth_gbs:.1f} GB/s", common.markdown_table(headers, rows),
+        "Kernel per weight shape (ms per call at batch 1 / batch B, measured at load on the rank's weights):",
+        common.markdown_table(["precision", "shape", "chosen", "candidates ms (b1/bB)", "rejected"], krows)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--only", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--one", choices=list(PRECISIONS), help=argparse.SUPPRESS)   # child mode
+    ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="benchmarks/results/precision", help="writes OUT.json and OUT.md")
+    ap.add_argument("--append-md", default=None, help="also append the table to this file (run_all.py)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse /tmp/bench_precision_NAME.json of an earlier run with the same --requests")
+    args = ap.parse_args()
+    model = common.model_path(args.model)
+    if args.one:
+        pathlib.Path(args.json_out).write_text(json.dumps(run_one(args.one, model, args.requests)))
+        return
+    names = ["fp32"] + [n for n in args.only if n != "fp32"]
+    results = []
+    from tqdm.auto import tqdm
+    for name in tqdm(names, desc="precisions"):
+        out = pathlib.Path(f"/tmp/bench_precision_{name}.json")
+        if args.reuse and out.is_file() and json.loads(out.read_text()).get("requests") == args.requests:
+            results.append(json.loads(out.read_text()))
+            continue
+        subprocess.run([sys.executable, __file__, "--one", name, "--json-out", str(out), "--model", model,
+                        "--requests", str(args.requests)], check=True)
+        results.append(json.loads(out.read_text()))
+    common.set_threads(2)
+    bandwidth = common.median([common.memory_bandwidth_gbs()() for _ in range(3)])
+    text = report(results, bandwidth, cpu_flags())
+    print(text)
+    pathlib.Path(args.out + ".json").parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.out + ".json").write_text(json.dumps({"machine": common.machine_line(), "cpu_flags": cpu_flags(),
+                                                            "bandwidth_gbs": bandwidth, "results": results}, indent=1))
+    pathlib.Path(args.out + ".md").write_text(text + "\n")
+    common.write_result(args.append_md, text)
+
+
+if __name__ == "__main__":
+    main()

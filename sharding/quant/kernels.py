@@ -1,0 +1,128 @@
+"""Candidate implementations of one quantized matmul, y = x W^T with W the layer's quantized slice.
+
+Each kernel is built once from a `QuantizedWeight` (packing it the way its op wants) and then
+called with x [tokens, in] in the model dtype, returning [tokens, out] in the same dtype. Which
+one a layer uses is decided by measurement (`sharding.quant.select`); the `Dequant*` kernels run
+everywhere and define what the method computes, so they are the reference the others are held to.
+
+    method  candidates (fastest exact-enough one wins, per weight shape)
+    int8    int8pack_mm (aten._weight_int8pack_mm), dequant
+    int4    int4pack_mm (aten._weight_int4pack_mm_for_cpu), dequant
+    w8a8    fbgemm_dynamic (quantized.linear_dynamic, what `quantize_dynamic` runs: activations
+            quantized per call, 7-bit range), int_mm (torch._int_mm, activations per token), dequant
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from sharding.quant.formats import QuantizedWeight, dequantize, quantize_activations, unpack_int4
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class DequantMatmul:
+    """Weight-only reference: dequantize the slice on every call, then a dense matmul (portable)."""
+
+    name = "dequant"
+
+    def __init__(self, qw: QuantizedWeight, dtype: torch.dtype):
+        self.qw, self.dtype = qw, dtype
+        self.nbytes = qw.nbytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, dequantize(self.qw, self.dtype))
+
+
+class DequantW8A8:
+    """w8a8 reference: per-token int8 activations times int8 weights, computed in fp32."""
+
+    name = "dequant"
+
+    def __init__(self, qw: QuantizedWeight, dtype: torch.dtype):
+        self.qw, self.dtype = qw, dtype
+        self.nbytes = qw.nbytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xq, xs = quantize_activations(x)
+        return F.linear(xq.float() * xs, dequantize(self.qw)).to(self.dtype)
+
+
+class Int8PackMM:
+    name = "int8pack_mm"
+
+    def __init__(self, qw: QuantizedWeight, dtype: torch.dtype):
+        self.q, self.scale = qw.q.contiguous(), qw.scale.to(dtype)
+        self.nbytes = _nbytes(self.q, self.scale)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.q, self.scale)
+
+
+class Int4PackMM:
+    name = "int4pack_mm"
+
+    def __init__(self, qw: QuantizedWeight, dtype: torch.dtype):
+        self.group_size = qw.group_size
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(qw.q).to(torch.int32), 1)
+        # scales_and_zeros: [in / group, out, 2] in the activation dtype
+        self.scales_zeros = torch.stack([qw.scale.t(), qw.zero.t()], dim=-1).contiguous().to(dtype)
+        self.nbytes = _nbytes(self.packed, self.scales_zeros)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group_size,
+                                                          self.scales_zeros)
+
+
+class FbgemmDynamic:
+    """fbgemm's dynamic int8 linear (x86): prepacked int8 weights, activations quantized per call."""
+
+    name = "fbgemm_dynamic"
+
+    def __init__(self, qw: QuantizedWeight, dtype: torch.dtype):
+        out = qw.q.shape[0]
+        zeros = torch.zeros(out, dtype=torch.long)
+        with warnings.catch_warnings():   # quantized tensor types are deprecated; fbgemm's op is not (yet)
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch._make_per_channel_quantized_tensor(qw.q, qw.scale.double(), zeros, 0)
+        self.packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self.dtype = dtype
+        self.nbytes = qw.nbytes   # the prepacked copy is opaque; it holds the same int8 values and scales
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # reduce_range: 7-bit activations, as quantize_dynamic uses on x86 to avoid int16 overflow
+        return torch.ops.quantized.linear_dynamic(x.float(), self.packed, True).to(self.dtype)
+
+
+class IntMM:
+    """Per-token int8 activations through torch._int_mm (int8 x int8 -> int32), rescaled in fp32."""
+
+    name = "int_mm"
+
+    def __init__(self, qw: QuantizedWeight, dtype: torch.dtype):
+        self.qt = qw.q.t().contiguous()            # [in, out]
+        self.scale, self.dtype = qw.scale, dtype
+        self.nbytes = _nbytes(self.qt, self.scale)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xq, xs = quantize_activations(x)
+        return (torch._int_mm(xq, self.qt).float() * xs * self.scale).to(self.dtype)
+
+
+CANDIDATES = {
+    "int8": [Int8PackMM, DequantMatmul],
+    "int4": [Int4PackMM, DequantMatmul],
+    "w8a8": [FbgemmDynamic, IntMM, DequantW8A8],
+}
+REFERENCE = {"int8": DequantMatmul, "int4": DequantMatmul, "w8a8": DequantW8A8}
+# relative L2 error against the reference above which a candidate is not "exact enough":
+# weight-only kernels differ only in summation order; fbgemm's per-call 7-bit activations are
+# coarser than the reference's per-token 8-bit ones, by design of that kernel
+TOLERANCE = {"int8": 1e-3, "int4": 1e-3, "w8a8": 3e-2}
+# bf16 activations round every product; give all kernels bf16's own resolution
+BF16_TOLERANCE = 2e-2
