@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.placement import Layout, ResourceError, bundles_for, check_resources, default_cpu_share, rank_grid
+from cluster.ray_workers import remove_groups
 
 SIMULATE_ENV = "SHARDLINE_PREFLIGHT_SIMULATE"
 MEMORY_HEADROOM = 1.2     # weights plus room for activations and the KV cache's smallest share
@@ -274,6 +275,7 @@ def run_preflight(model: str, tensor_parallel_size: int = 1, pipeline_parallel_s
             if time.monotonic() > settle:
                 return PreflightResult([], [str(e)], time.perf_counter() - t0)
             time.sleep(0.25)
+    free_before = ray.available_resources().get("CPU", 0.0)
     specs = bundles_for(1, pp, tp, layout.use_gpu, layout.cpus_per_worker)
     groups = [placement_group(list(s.bundles), strategy=s.strategy) for s in specs]
     probes = []
@@ -335,8 +337,16 @@ def run_preflight(model: str, tensor_parallel_size: int = 1, pipeline_parallel_s
     finally:
         for p in probes:
             ray.kill(p)
-        for g in groups:
-            remove_placement_group(g)
+        remove_groups(groups)
+        _wait_cpus_back(free_before)
+
+
+def _wait_cpus_back(free_before: float, timeout_s: float = 10.0) -> None:
+    """Wait (bounded) until the CPUs the check reserved show as free again: the engine that starts
+    next sizes its workers' share from `ray.available_resources()`, which lags the release."""
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0.0) < free_before - 1e-6 and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _layout(tp: int, pp: int, cpus_per_worker: float | None, use_gpu: bool | None) -> Layout:

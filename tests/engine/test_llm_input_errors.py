@@ -226,7 +226,9 @@ def test_engine_still_generates_after_errors(llm):
 LLM_CASES = [
     ("misspelt_tp", {"tensor_paralel_size": 2}, UnknownArgumentError, "tensor_paralel_size",
      "did you mean 'tensor_parallel_size'"),
-    ("unknown_quantization", {"quantization": "int8"}, UnknownArgumentError, "quantization", "unknown argument"),
+    ("unknown_quantization", {"quantization": "int9"}, ConfigError, "quantization", "did you mean 'int8'"),
+    ("misspelt_quantization_kw", {"quantisation": "int8"}, UnknownArgumentError, "quantisation",
+     "did you mean 'quantization'"),
     ("misspelt_address", {"adress": "127.0.0.1:1"}, UnknownArgumentError, "adress", "did you mean 'address'"),
     ("prefix_caching_str", {"enable_prefix_caching": "yes"}, ConfigTypeError, "enable_prefix_caching",
      "True or False"),

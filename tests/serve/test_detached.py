@@ -2,7 +2,8 @@
 
 The command returns; the application outlives it; `connect()` from a fresh driver and from a
 `ray job submit` job (examples/serve_client.py) generate greedy tokens equal to `transformers`
-(a D=1 engine, the same tokens the D=2 server in test_openai_server.py gives); `shardline stop`
+(a D=1 engine, the same tokens the D=2 server in test_openai_server.py gives); the Ray Data batch
+job with `--deployment` writes every row, equal to offline `LLM.generate`; `shardline stop`
 leaves no Shardline actor or placement group behind.
 """
 
@@ -21,12 +22,14 @@ import urllib.request
 import pytest
 
 from sharding.dist import free_port
+from tests.e2e.test_cluster_ops import offline_texts, output_rows
 from tests.fixtures.reference import hf_greedy
 from tests.serve.conftest import BIN, REPO, ray_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.timeout(600)]
 
 PROMPT = [5, 6, 7]
+BATCH_PROMPTS = ["hello there", "once upon a time", "the cat", "a b c", "numbers 1 2 3"]
 SHARDLINE_CLASSES = ("ShardWorker", "ShardlineEngine", "OpenAIIngress", "MetricsHub")
 
 
@@ -79,7 +82,7 @@ print(json.dumps({"actors": actors, "groups": groups}))
 """
 
 
-def test_detached_app_outlives_the_command_and_serves_drivers_and_jobs(ray_head, tiny_llama_dir):
+def test_detached_app_outlives_the_command_and_serves_drivers_and_jobs(ray_head, tiny_llama_dir, tmp_path):
     url, env = ray_head
     port = free_port("127.0.0.1")
     t0 = time.monotonic()
@@ -108,6 +111,15 @@ def test_detached_app_outlives_the_command_and_serves_drivers_and_jobs(ray_head,
     assert res["generate"] == [want] and res["stream"] == want
     status = _run([sys.executable, "-m", "cluster.cli", "status"], env)
     assert "det: RUNNING" in status and "requests=" in status
+    # the Ray Data batch job sends its rows to the running deployment instead of starting engines
+    rows = [{"id": f"r{i}", "prompt": p} for i, p in enumerate(BATCH_PROMPTS)]
+    src, out_dir = tmp_path / "rows.jsonl", tmp_path / "out"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _run([sys.executable, "examples/batch_ray_data.py", "--deployment", "det", "--input", str(src), "--output",
+          str(out_dir), "--max-tokens", "6", "--batch-size", "2", "--concurrency", "2"], env)
+    got = {r["id"]: r for r in output_rows(out_dir)}
+    assert sorted(got) == [r["id"] for r in rows]
+    assert [got[r["id"]]["text"] for r in rows] == offline_texts(tiny_llama_dir, BATCH_PROMPTS, 6)
     # stop: every Shardline actor and placement group is gone
     assert "stopped det" in _run([sys.executable, "-m", "cluster.cli", "stop", "det"], env)
     left = json.loads(_run([sys.executable, "-c", LEFTOVERS], env).strip().splitlines()[-1])
