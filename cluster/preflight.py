@@ -444,6 +444,6 @@ def preflight_or_raise(model: str, tp: int, pp: int, address: str | None = None,
     """`run_preflight`, raising `PreflightError` (with the table) when a node is broken."""
     result = run_preflight(model, tp, pp, address=address, timeout_s=timeout_s, **kwargs)
     if not result.ok:
-        raise PreflightError(f"pre-flight failed: {result.first_problem()} (skip with preflight=False)\n"
-                             f"{result.table()}")
+        raise PreflightError(f"pre-flight failed: {result.first_problem()} (skip the check with "
+                             f"LLM(..., preflight=False) or `shardline serve --skip-preflight`)\n{result.table()}")
     return result

@@ -62,6 +62,10 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
                    help="requests queued beyond that before HTTP answers 503 (default 64)")
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs each worker reserves (default: the cluster's CPUs shared by all workers, at most 1)")
+    p.add_argument("--quantization", default=None, metavar="M",
+                   help="int8, int4[-g32|-g64|-g128] or w8a8: each rank quantizes its own slices (README: Precision)")
+    p.add_argument("--skip-preflight", action="store_true",
+                   help="on a multi-node cluster, do not check every node first (`shardline preflight`)")
     p.set_defaults(func=run_serve)
 
 
@@ -73,6 +77,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError("--detach needs a running cluster to leave the application on: `ray start --head`, "
                          "then set RAY_ADDRESS or pass --address")
     engine_kwargs = {"max_num_seqs": args.max_num_seqs, "dtype": args.dtype}
+    if args.quantization is not None:
+        engine_kwargs["quantization"] = args.quantization
     if args.max_model_len is not None:
         engine_kwargs["max_model_len"] = args.max_model_len
     config = ServeConfig(
@@ -82,6 +88,15 @@ def run_serve(args: argparse.Namespace) -> int:
         max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
         cpus_per_worker=args.cpus_per_worker, engine_kwargs=engine_kwargs)
     started_ray = _join(args.address)
+    try:
+        if not args.skip_preflight:
+            _preflight_if_multinode(config, args)
+    except BaseException:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+        raise
     try:
         _deploy(config, args)
         if args.detach:
@@ -102,6 +117,18 @@ def _join(address: str | None) -> bool:
     started = connect(address)
     print(f"ray cluster: {ray.get_runtime_context().gcs_address}", flush=True)
     return started
+
+
+def _preflight_if_multinode(config, args: argparse.Namespace) -> None:
+    """On a cluster of several nodes, check each one the layout uses before deploying anything."""
+    import ray
+
+    from cluster.preflight import preflight_or_raise
+
+    if sum(1 for n in ray.nodes() if n["Alive"]) > 1:
+        result = preflight_or_raise(config.model, config.tensor_parallel_size, config.pipeline_parallel_size,
+                                    cpus_per_worker=args.cpus_per_worker)
+        print(f"pre-flight passed on {len(result.rows)} node(s) in {result.seconds:.1f} s", flush=True)
 
 
 def _deploy(config, args: argparse.Namespace) -> None:

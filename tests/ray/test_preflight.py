@@ -116,7 +116,8 @@ def test_preflight_names_the_node_whose_model_folder_is_missing(cluster_a, tiny_
         assert str(tiny_llama_dir) in message and "copy it there" in message
 
 
-def test_preflight_names_the_node_with_another_torch_and_llm_refuses_to_start(cluster_a, tiny_llama_dir):
+def test_preflight_names_the_node_with_another_torch_and_llm_refuses_to_start(cluster_a, tiny_llama_dir,
+                                                                                capsys):
     cluster, _ = cluster_a
     with second_node(cluster, {"versions": {"torch": "0.0.1"}}) as broken:
         result = _preflight(tiny_llama_dir)
@@ -128,3 +129,11 @@ def test_preflight_names_the_node_with_another_torch_and_llm_refuses_to_start(cl
         with pytest.raises(PreflightError, match=r"pre-flight failed: node .*torch 0\.0\.1 differs"):
             LLM(str(tiny_llama_dir), pipeline_parallel_size=2, address=cluster.address, cpus_per_worker=1.0,
                 preflight_timeout_s=TIMEOUT_S)
+        # and so does `shardline serve`, before it deploys anything
+        from cluster.cli import main
+
+        code = main(["serve", str(tiny_llama_dir), "--pipeline-parallel-size", "2", "--address", cluster.address,
+                     "--cpus-per-worker", "1", "--name", "pf"])
+        err = capsys.readouterr().err
+        assert code == 2 and "pre-flight failed: node" in err and "torch 0.0.1 differs" in err, err
+        assert "--skip-preflight" in err
