@@ -156,15 +156,8 @@ class LLM:
         rejected prompts) and `.rejected` ({index: message}), so no finished work is lost.
         """
         check_bool("use_tqdm", use_tqdm)
-        items = validation.as_prompt_list(prompts)
-        limits = self.engine.limits
-        params = validation.params_per_prompt(sampling_params, len(items), limits)
-        prepared = []
-        for i, p in enumerate(items):
-            try:
-                prepared.append(validation.split_prompt(p))
-            except InvalidRequestError as e:
-                raise e.at(f"prompts[{i}]") if len(items) > 1 else e from None
+        prepared = validation.split_prompts(prompts)
+        params = validation.params_per_prompt(sampling_params, len(prepared), self.engine.limits)
         return self._generate(prepared, params, use_tqdm)
 
     def _generate(self, prepared: list[tuple[str | None, list | None]], params: list[SamplingParams],

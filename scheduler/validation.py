@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from scheduler.checks import check_int
 from scheduler.errors import (
+    InvalidRequestError,
     PromptError,
     PromptTooLongError,
     PromptTypeError,
@@ -134,6 +135,18 @@ def split_prompt(prompt) -> tuple[str | None, list | None]:
         return text, None
     raise PromptTypeError(f"a prompt must be a str, a list of token ids, or a dict with 'prompt_token_ids' or "
                           f"'prompt'; got {type(prompt).__name__} {show(prompt)}", "prompt", prompt)
+
+
+def split_prompts(prompts) -> list[tuple[str | None, list | None]]:
+    """`split_prompt` over the `prompts` argument of generate; an error names the bad index (`prompts[i]`)."""
+    items = as_prompt_list(prompts)
+    out = []
+    for i, p in enumerate(items):
+        try:
+            out.append(split_prompt(p))
+        except InvalidRequestError as e:
+            raise e.at(f"prompts[{i}]") if len(items) > 1 else e from None
+    return out
 
 
 def check_text(text: str, param: str = "prompt", label: str | None = None) -> str:

@@ -26,7 +26,6 @@ from cluster.serve.config import DEFAULT_APP_NAME, ENGINE_DEPLOYMENT, HUB_DEPLOY
 from cluster.serve.errors import unwrap
 from scheduler import validation
 from scheduler.errors import (
-    InvalidRequestError,
     PromptTooLongError,
     SamplingParamsError,
     SamplingParamsTypeError,
@@ -59,7 +58,7 @@ class ShardlineHandle:
         As `LLM.generate`: rejected prompts do not stop the others; then PromptTooLongError is raised
         with `.outputs` (None for rejected prompts) and `.rejected` ({index: message}).
         """
-        items = _split_prompts(prompts)
+        items = validation.split_prompts(prompts)   # types here; values: the engine
         params = _params_per_prompt(sampling_params, len(items))
         batch = uuid.uuid4().hex[:12]
         responses = [self._engine.generate_full.remote(_request(text, ids, p, f"{batch}-{i}"))
@@ -135,18 +134,6 @@ class Stream:
 def _request(text: str | None, ids: list[int] | None, params: SamplingParams | None, rid: str) -> dict:
     prompt = {"prompt_token_ids": ids, "prompt": text} if ids is not None else text
     return {"prompt": prompt, "params": params, "request_id": rid}
-
-
-def _split_prompts(prompts) -> list[tuple[str | None, list | None]]:
-    """The prompt forms of `LLM.generate`, type-checked here (the engine checks the values)."""
-    items = validation.as_prompt_list(prompts)
-    out = []
-    for i, p in enumerate(items):
-        try:
-            out.append(validation.split_prompt(p))
-        except InvalidRequestError as e:
-            raise e.at(f"prompts[{i}]") if len(items) > 1 else e from None
-    return out
 
 
 def _params_per_prompt(sampling_params, n: int) -> list[SamplingParams | None]:

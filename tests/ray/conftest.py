@@ -16,6 +16,7 @@ import ray
 
 from cluster.ray_connect import keep_ray_on_loopback
 
+SMALL_OBJECT_STORE = 100 * 2**20   # per simulated node: a few nodes fit in memory
 TEST_CPUS = 2   # logical CPUs of the test cluster, whatever the machine has: same shares everywhere
 
 
@@ -65,3 +66,29 @@ def ray_tmpdir():
         else:
             os.environ["RAY_TMPDIR"] = saved
         shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def simulated_cluster(nodes: dict[str, dict]):
+    """A `ray.cluster_utils.Cluster` on loopback with this driver connected: a 0-CPU head (it hosts
+    only the driver) plus one node per entry of `nodes` (name -> `add_node` keywords).
+
+    Yields (cluster, {name: node}); always shut down.
+    """
+    from ray.cluster_utils import Cluster
+
+    keep_ray_on_loopback()
+    if ray.is_initialized():
+        ray.shutdown()
+    with _no_ray_address():
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                                "object_store_memory": SMALL_OBJECT_STORE})
+        try:
+            added = {name: cluster.add_node(**{"object_store_memory": SMALL_OBJECT_STORE, **kwargs})
+                     for name, kwargs in nodes.items()}
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
+            yield cluster, added
+        finally:
+            ray.shutdown()
+            cluster.shutdown()

@@ -11,11 +11,9 @@ head) splits 3 + 1 whichever way round. Outputs stay identical to `transformers`
 from __future__ import annotations
 
 import pytest
-import ray
 
-from cluster.ray_connect import keep_ray_on_loopback
 from tests.ray.common import assert_matches_hf, generate_greedy, mixed_prompts
-from tests.ray.conftest import _no_ray_address
+from tests.ray.conftest import simulated_cluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -25,23 +23,9 @@ NODE_MEMORY = {"big": 3 * GIB, "small": 1 * GIB}
 
 @pytest.fixture(scope="module")
 def unequal_cluster(ray_tmpdir):
-    from ray.cluster_utils import Cluster
-
-    keep_ray_on_loopback()
-    if ray.is_initialized():
-        ray.shutdown()
-    with _no_ray_address():
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                                "object_store_memory": 100 * 2**20})
-        try:
-            nodes = {name: cluster.add_node(num_cpus=1, memory=mem, object_store_memory=100 * 2**20)
-                     for name, mem in NODE_MEMORY.items()}
-            cluster.wait_for_nodes()
-            ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
-            yield cluster, {name: n.node_id for name, n in nodes.items()}
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
+    with simulated_cluster({name: {"num_cpus": 1, "memory": mem} for name, mem in NODE_MEMORY.items()}) as (
+            cluster, nodes):
+        yield cluster, {name: n.node_id for name, n in nodes.items()}
 
 
 def test_auto_split_gives_the_larger_node_more_layers_and_outputs_stay_exact(tiny_llama_dir, unequal_cluster):

@@ -13,34 +13,18 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 
 from cluster.llm import LLM
 from cluster.placement import ResourceError
-from cluster.ray_connect import keep_ray_on_loopback
 from cluster.ray_executor import PlacementTimeoutError
 from tests.ray.common import mixed_prompts, run_and_compare
-from tests.ray.conftest import _no_ray_address
+from tests.ray.conftest import simulated_cluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
-NODE_ARGS = {"num_cpus": 1, "object_store_memory": 100 * 2**20}
 
 
 @pytest.fixture(scope="module")
 def two_node_cluster(ray_tmpdir):
-    from ray.cluster_utils import Cluster
-
-    keep_ray_on_loopback()
-    if ray.is_initialized():
-        ray.shutdown()
-    with _no_ray_address():
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                                "object_store_memory": 100 * 2**20})
-        try:
-            worker_nodes = [cluster.add_node(**NODE_ARGS) for _ in range(2)]
-            cluster.wait_for_nodes()
-            ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
-            yield cluster, {n.node_id for n in worker_nodes}
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
+    with simulated_cluster({"a": {"num_cpus": 1}, "b": {"num_cpus": 1}}) as (cluster, nodes):
+        yield cluster, {n.node_id for n in nodes.values()}
 
 
 def test_tp_group_on_one_node_stages_on_different_nodes(tiny_llama_dir, two_node_cluster):

@@ -17,13 +17,11 @@ import time
 from contextlib import contextmanager
 
 import pytest
-import ray
 
 from cluster import SamplingParams
 from cluster.llm import LLM
 from cluster.preflight import SIMULATE_ENV, PreflightError, local_versions, run_preflight
-from cluster.ray_connect import keep_ray_on_loopback
-from tests.ray.conftest import _no_ray_address
+from tests.ray.conftest import simulated_cluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -33,22 +31,8 @@ TIMEOUT_S = 45.0
 
 @pytest.fixture(scope="module")
 def cluster_a(ray_tmpdir):
-    from ray.cluster_utils import Cluster
-
-    keep_ray_on_loopback()
-    if ray.is_initialized():
-        ray.shutdown()
-    with _no_ray_address():
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                                "object_store_memory": 100 * 2**20})
-        try:
-            node_a = cluster.add_node(**NODE_ARGS)
-            cluster.wait_for_nodes()
-            ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
-            yield cluster, node_a
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
+    with simulated_cluster({"a": NODE_ARGS}) as (cluster, nodes):
+        yield cluster, nodes["a"]
 
 
 @contextmanager
