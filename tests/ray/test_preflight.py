@@ -20,7 +20,8 @@ import pytest
 
 from cluster import SamplingParams
 from cluster.llm import LLM
-from cluster.preflight import SIMULATE_ENV, PreflightError, local_versions, run_preflight
+from cluster.preflight import PreflightError, run_preflight
+from cluster.preflight_probe import SIMULATE_ENV, local_versions
 from tests.ray.conftest import simulated_cluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cluster.preflight import SIMULATE_ENV, NodeRow, PreflightResult, check_model_here, model_files
+from cluster.preflight import NodeRow, PreflightResult
+from cluster.preflight_probe import SIMULATE_ENV, check_model_here, model_files
 from cluster.ray_connect import missing_token_message
 
 REPO = Path(__file__).resolve().parents[2]
