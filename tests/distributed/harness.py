@@ -160,3 +160,26 @@ def terminate(processes, grace_s: float = 5.0) -> None:
 def driver_rank(tp: int, pp: int) -> int:
     """Global rank of the last stage's TP rank 0."""
     return (pp - 1) * tp
+
+
+# -- comparing a layout with transformers ------------------------------------------------------
+
+def hf_references(models: dict[str, str], prompts: list[list[int]], new_tokens: int) -> dict:
+    """{name: (HF greedy (tokens, logprobs) per prompt, HF last-position prefill logits per prompt)}."""
+    from tests.fixtures.reference import hf_greedy, hf_prefill_logits
+
+    return {name: ([hf_greedy(d, p, new_tokens) for p in prompts], [hf_prefill_logits(d, p)[-1] for p in prompts])
+            for name, d in models.items()}
+
+
+def assert_matches_hf(result: RankResult, reference: tuple, what: str, tol: float = 1e-4) -> tuple[float, float]:
+    """The driver rank's prefill logits, greedy tokens and logprobs equal HF's; returns the largest differences."""
+    greedy, prefill = reference
+    logit_diff = max((result.prefill_logits[i] - ref).abs().max().item() for i, ref in enumerate(prefill))
+    assert logit_diff <= tol, f"{what}: prefill logits differ by {logit_diff:.2e}"
+    lp_diff = 0.0
+    for i, (ref_tokens, ref_logprobs) in enumerate(greedy):
+        assert result.tokens[i] == ref_tokens, f"{what} prompt {i}: tokens differ from HF"
+        lp_diff = max(lp_diff, max(abs(a - b) for a, b in zip(result.logprobs[i], ref_logprobs)))
+        assert lp_diff <= tol, f"{what} prompt {i}: logprobs differ by {lp_diff:.2e}"
+    return logit_diff, lp_diff

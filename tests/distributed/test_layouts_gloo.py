@@ -13,8 +13,7 @@ import multiprocessing
 
 import pytest
 
-from tests.distributed.harness import Job, driver_rank, run_layout
-from tests.fixtures.reference import hf_greedy, hf_prefill_logits
+from tests.distributed.harness import Job, assert_matches_hf, driver_rank, hf_references, run_layout
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 
@@ -33,8 +32,7 @@ def tiny_models(request):
 
 @pytest.fixture(scope="module")
 def references(tiny_models):
-    return {name: ([hf_greedy(d, p, NEW_TOKENS) for p in PROMPTS], [hf_prefill_logits(d, p)[-1] for p in PROMPTS])
-            for name, d in tiny_models.items()}
+    return hf_references(tiny_models, PROMPTS, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{t}-pp{p}" for t, p in LAYOUTS])
@@ -44,14 +42,7 @@ def test_layout_matches_transformers(tp, pp, tiny_models, references):
     driver = results[driver_rank(tp, pp)]
     assert {res.backend for rank in results.values() for res in rank} == {"gloo"}
     for j, name in enumerate(names):
-        greedy, prefill = references[name]
-        logit_diff = max((driver[j].prefill_logits[i] - prefill[i]).abs().max().item() for i in range(len(PROMPTS)))
-        assert logit_diff <= 1e-4, f"{name} tp={tp} pp={pp}: prefill logits differ by {logit_diff:.2e}"
-        lp_diff = 0.0
-        for i, (ref_tokens, ref_logprobs) in enumerate(greedy):
-            assert driver[j].tokens[i] == ref_tokens, f"{name} tp={tp} pp={pp} prompt {i}"
-            lp_diff = max(lp_diff, max(abs(a - b) for a, b in zip(driver[j].logprobs[i], ref_logprobs)))
-            assert lp_diff <= 1e-4, f"{name} tp={tp} pp={pp} prompt {i}: logprobs differ by {lp_diff:.2e}"
+        logit_diff, lp_diff = assert_matches_hf(driver[j], references[name], f"{name} tp={tp} pp={pp}")
         print(f"{name} tp={tp} pp={pp}: max prefill logit diff {logit_diff:.2e}, max logprob diff {lp_diff:.2e}")
         # every rank of a TP group loads a 1/tp share of the stage (vocab padding aside)
         if tp > 1:

@@ -20,8 +20,7 @@ from __future__ import annotations
 import pytest
 
 from sharding.plan import ShardPlan, load_hf_config
-from tests.distributed.harness import Job, driver_rank, run_layout
-from tests.fixtures.reference import hf_greedy, hf_prefill_logits
+from tests.distributed.harness import Job, assert_matches_hf, driver_rank, hf_references, run_layout
 from tests.fixtures.tiny_models import build_tiny_gpt2, build_tiny_llama
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
@@ -44,8 +43,7 @@ def uneven_models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def references(uneven_models):
-    return {name: ([hf_greedy(d, p, NEW_TOKENS) for p in PROMPTS], [hf_prefill_logits(d, p)[-1] for p in PROMPTS])
-            for name, d in uneven_models.items()}
+    return hf_references(uneven_models, PROMPTS, NEW_TOKENS)
 
 
 def test_the_models_really_are_cut_unevenly(uneven_models):
@@ -68,14 +66,7 @@ def test_uneven_layout_matches_transformers(tp, pp, uneven_models, references):
     results = run_layout([Job(uneven_models[n], PROMPTS, NEW_TOKENS) for n in names], tp, pp)
     driver = results[driver_rank(tp, pp)]
     for j, name in enumerate(names):
-        greedy, prefill = references[name]
-        logit_diff = max((driver[j].prefill_logits[i] - prefill[i]).abs().max().item() for i in range(len(PROMPTS)))
-        assert logit_diff <= 1e-4, f"{name} tp={tp}: prefill logits differ by {logit_diff:.2e}"
-        lp_diff = 0.0
-        for i, (ref_tokens, ref_logprobs) in enumerate(greedy):
-            assert driver[j].tokens[i] == ref_tokens, f"{name} tp={tp} pp={pp} prompt {i}"
-            lp_diff = max(lp_diff, max(abs(a - b) for a, b in zip(driver[j].logprobs[i], ref_logprobs)))
-        assert lp_diff <= 1e-4, f"{name} tp={tp} pp={pp}: logprobs differ by {lp_diff:.2e}"
+        logit_diff, lp_diff = assert_matches_hf(driver[j], references[name], f"{name} tp={tp} pp={pp}")
         loaded = [results[r][j].loaded_bytes for r in range(tp)]
         assert len(set(loaded)) > 1, f"{name}: expected unequal shares at tp={tp}, got {loaded}"
         print(f"{name} tp={tp} pp={pp}: prefill logit diff {logit_diff:.2e}, logprob diff {lp_diff:.2e}, "
