@@ -151,3 +151,56 @@ def write_result(path: str | None, text: str) -> None:
         pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             f.write(text.rstrip() + "\n\n")
+
+
+def cpu_model() -> str:
+    """`lscpu`'s "Model name" (falls back to /proc/cpuinfo, then the platform string)."""
+    import platform
+    import subprocess
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.strip().startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    """Short commit of the checkout the benchmarks run from, with '+dirty' if it has uncommitted changes."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if head and dirty else "")
+
+
+def machine_info(threads: int | None = None) -> dict:
+    """Where and from what the numbers come: CPU model, cores, torch, threads, load average, commit, time."""
+    import datetime
+
+    import torch
+    return {"cpu_model": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": threads if threads is not None else torch.get_num_threads(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "commit": git_commit(),
+            "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def percentiles(xs: Sequence[float], qs: Sequence[int] = (50, 99)) -> dict[str, float]:
+    """{'mean': ..., 'p50': ..., 'p99': ...} of `xs` (linear interpolation, numpy's default); None if empty
+    (None, not NaN: the results stay strict JSON)."""
+    import numpy as np
+    if not len(xs):
+        return {"mean": None, **{f"p{q}": None for q in qs}}
+    arr = np.asarray(xs, dtype=float)
+    return {"mean": float(arr.mean()), **{f"p{q}": float(np.percentile(arr, q)) for q in qs}}
