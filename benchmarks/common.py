@@ -184,13 +184,12 @@ def git_commit() -> str:
     return (head or "unknown") + ("+dirty" if head and dirty else "")
 
 
-def machine_info(threads: int | None = None) -> dict:
+def machine_info(threads: int) -> dict:
     """Where and from what the numbers come: CPU model, cores, torch, threads, load average, commit, time."""
     import datetime
+    from importlib.metadata import version  # not `import torch`: the suite's driver stays light
 
-    import torch
-    return {"cpu_model": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": threads if threads is not None else torch.get_num_threads(),
+    return {"cpu_model": cpu_model(), "cores": os.cpu_count(), "torch": version("torch"), "threads": threads,
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "commit": git_commit(),
             "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

@@ -225,7 +225,7 @@ def main(argv=None) -> int:
         record = json.loads((out / f"{stem}.json").read_text())
         plots.plot(record["parts"], out / f"{stem}.png")
         return 0
-    machine = common.machine_info(args.threads)
+    machine = common.machine_info(args.threads or 2)   # every part's --threads default is 2
     command = shlex.join(sys.argv if argv is None else ["benchmarks/run_all.py", *argv])
     sections, parts = [], {}
     from tqdm.auto import tqdm
