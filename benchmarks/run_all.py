@@ -91,7 +91,7 @@ def part_args(name: str, args: argparse.Namespace, tiny_model: str | None) -> li
         out += ["--models", "tiny"]
     elif tiny_model or args.model:
         out += ["--model", tiny_model or args.model]
-    if args.threads:
+    if args.threads and name != "serve":   # the server's ranks take their threads from --cpus-per-worker
         out += ["--threads", str(args.threads)]
     return out + shlex.split(getattr(args, f"{name}_args"))
 
@@ -196,7 +196,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tiny", action="store_true",
                     help="run every part on a tiny random Llama built on the spot (checks the suite, not the speed)")
     ap.add_argument("--model", metavar="DIR", help="model folder for every part (default: the bundled SmolLM2)")
-    ap.add_argument("--threads", type=int, help="pass --threads to every part")
+    ap.add_argument("--threads", type=int, help="pass --threads to every part but serve (default: theirs, 2)")
     for name in PARTS:
         ap.add_argument(f"--{name}-args", default="", metavar="FLAGS",
                         help=f"extra flags for {PARTS[name]}, one string (see its --help)")
@@ -226,7 +226,8 @@ def main(argv=None) -> int:
         plots.plot(record["parts"], out / f"{stem}.png")
         return 0
     machine = common.machine_info(args.threads or 2)   # every part's --threads default is 2
-    command = shlex.join(sys.argv if argv is None else ["benchmarks/run_all.py", *argv])
+    # `shardline bench ARGS` runs this script with exactly ARGS: record the command a user would type
+    command = shlex.join(["shardline", "bench", *(sys.argv[1:] if argv is None else argv)])
     sections, parts = [], {}
     from tqdm.auto import tqdm
     with tempfile.TemporaryDirectory() as tmp:
