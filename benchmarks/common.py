@@ -171,6 +171,17 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
+def cpu_simd() -> list[str]:
+    """The vector extensions that decide fp32 / bf16 / int8 matmul speed, among the CPU's flags (Linux)."""
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return []
+    return [w for w in wanted if w in flags]
+
+
 def git_commit() -> str:
     """Short commit of the checkout the benchmarks run from, with '+dirty' if it has uncommitted changes."""
     import subprocess
@@ -189,7 +200,8 @@ def machine_info(threads: int) -> dict:
     import datetime
     from importlib.metadata import version  # not `import torch`: the suite's driver stays light
 
-    return {"cpu_model": cpu_model(), "cores": os.cpu_count(), "torch": version("torch"), "threads": threads,
+    return {"cpu_model": cpu_model(), "cpu_simd": cpu_simd(), "cores": os.cpu_count(), "torch": version("torch"),
+            "threads": threads,
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "commit": git_commit(),
             "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

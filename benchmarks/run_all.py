@@ -144,8 +144,9 @@ def _ms(v: float | None) -> str:
 
 def machine_text(m: dict) -> str:
     load = ", ".join(f"{x:.1f}" for x in m["load_average"]) if m.get("load_average") else "n/a"
-    return (f"CPU: {m['cpu_model']} ({m['cores']} cores); torch {m['torch']}, {m['threads']} threads per process "
-            f"(OMP_WAIT_POLICY={m['omp_wait_policy']}); load average {load} (1, 5, 15 min) at start; "
+    simd = ", ".join(m.get("cpu_simd") or []) or "n/a"
+    return (f"CPU: {m['cpu_model']} ({m['cores']} cores; {simd}); torch {m['torch']}, {m['threads']} threads per "
+            f"process (OMP_WAIT_POLICY={m['omp_wait_policy']}); load average {load} (1, 5, 15 min) at start; "
             f"commit {m['commit']}; {m['utc']}")
 
 

@@ -40,6 +40,8 @@ def test_shardline_bench_writes_json_markdown_and_png_with_the_machine(tiny_llam
     machine = record["machine"]
     assert machine["cpu_model"] == _lscpu_model_name()
     assert machine["torch"] == torch.__version__
+    flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":", 1)[1].split()
+    assert set(machine["cpu_simd"]) <= set(flags) and ("avx2" in flags) == ("avx2" in machine["cpu_simd"])
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert machine["commit"].startswith(head) and len(machine["load_average"]) == 3 and machine["threads"] >= 1
     assert record["quick"] is True and "--results-dir" in record["command"]
