@@ -8,6 +8,7 @@ parts' summaries and panels are checked from their JSON in tests/unit/test_bench
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 
 import pytest
@@ -40,7 +41,8 @@ def test_shardline_bench_writes_json_markdown_and_png_with_the_machine(tiny_llam
     machine = record["machine"]
     assert machine["cpu_model"] == _lscpu_model_name()
     assert machine["torch"] == torch.__version__
-    flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":", 1)[1].split()
+    cpuinfo = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    flags = next(line for line in cpuinfo if line.startswith("flags")).split(":", 1)[1].split()
     assert set(machine["cpu_simd"]) <= set(flags) and ("avx2" in flags) == ("avx2" in machine["cpu_simd"])
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert machine["commit"].startswith(head) and len(machine["load_average"]) == 3 and machine["threads"] >= 1
