@@ -32,8 +32,11 @@ demo: venv model
 test: venv model
 	$(PY) -m pytest -x -q --durations=15
 
+# The whole benchmark suite (~25 min on 2 cores); `make bench BENCH_ARGS=--quick` for the ~6 min smoke run.
+# Results: benchmarks/results/latest.{md,json,png}.
+BENCH_ARGS ?=
 bench: venv model
-	$(PY) benchmarks/run_all.py
+	$(VENV)/bin/shardline bench $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

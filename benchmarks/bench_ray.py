@@ -1,4 +1,4 @@
-"""Ray layouts against a single rank: decode step time of PP=2 and TP=2/3/4, and start-up time.
+"""Ray layouts against a single rank: decode step time of PP=2, TP=2/3/4 and DP=2, and start-up time.
 
 Same run, two models: the bundled SmolLM2 (9 heads, 3 KV heads: TP=2 and TP=4 are uneven
 layouts, TP=3 an even one) and a tiny random Llama with 8 heads (tests/fixtures/tiny_models.py).
@@ -8,7 +8,9 @@ For each model every layout is started once and kept alive, then measured in int
 - PP=2:   `LLM(model, pipeline_parallel_size=2)`, two Ray workers of 1 CPU = 1 thread each;
   the engine splits each step's batch into 2 micro-batches so both stages have work;
 - TP=T:   `LLM(model, tensor_parallel_size=T)`, T Ray workers of 1 thread each (with more
-  workers than cores, TP=3 and TP=4 share the cores: compare them on a machine with >= T cores).
+  workers than cores, TP=3 and TP=4 share the cores: compare them on a machine with >= T cores);
+- DP=2:   `LLM(model, data_parallel_size=2)`, two whole-model replicas of 1 thread each; the engine
+  splits each step's batch between them.
 
 Each layout's imbalance (the `ShardPlan`'s max / mean per-rank FLOPs and KV bytes) is reported
 next to its step time.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import sys
@@ -43,7 +46,8 @@ from benchmarks import common  # noqa: E402  (first: it sets OpenMP's wait polic
 # isort: on
 from benchmarks.workload import same_length_prompts  # noqa: E402
 
-LAYOUTS = {"single": (1, 1), "PP=2": (1, 2), "TP=2": (2, 1), "TP=3": (3, 1), "TP=4": (4, 1)}   # name -> (tp, pp)
+LAYOUTS = {"single": (1, 1, 1), "PP=2": (1, 2, 1), "TP=2": (2, 1, 1), "TP=3": (3, 1, 1), "TP=4": (4, 1, 1),
+           "DP=2": (1, 1, 2)}   # name -> (tp, pp, dp)
 
 
 def start_ray(num_cpus: int) -> float:
@@ -70,13 +74,14 @@ def start_ray(num_cpus: int) -> float:
     return time.perf_counter() - start
 
 
-def start_layout(model: str, tp: int, pp: int, args) -> tuple[object, float]:
+def start_layout(model: str, tp: int, pp: int, args, dp: int = 1) -> tuple[object, float]:
     """(LLM, seconds from LLM(...) to the first token of a 1-token request)."""
     from cluster import LLM, SamplingParams
     vocab = json.loads((pathlib.Path(model) / "config.json").read_text())["vocab_size"]
     start = time.perf_counter()
-    extra = {} if tp * pp == 1 else {"cpus_per_worker": 1.0}
-    llm = LLM(model, tensor_parallel_size=tp, pipeline_parallel_size=pp, max_num_seqs=max(args.batches),
+    extra = {} if tp * pp * dp == 1 else {"cpus_per_worker": 1.0}
+    llm = LLM(model, tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp,
+              max_num_seqs=max(args.batches),
               max_num_batched_tokens=max(2048, max(args.batches) * args.prompt_len), max_model_len=256, **extra)
     llm.generate([{"prompt_token_ids": same_length_prompts(1, 8, vocab, seed=99)[0]}],
                  SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
@@ -116,7 +121,7 @@ class DecodeRun:
 def bench_model(name: str, model: str, args) -> dict:
     from sharding.plan import LayoutError, check_layout
     llms, startup, invalid, imbalance = {}, {}, {}, {}
-    for layout, (tp, pp) in LAYOUTS.items():
+    for layout, (tp, pp, dp) in LAYOUTS.items():
         if layout not in args.layouts and layout != "single":
             continue
         try:
@@ -126,7 +131,7 @@ def bench_model(name: str, model: str, args) -> dict:
             invalid[layout] = str(e).split(";")[0]
             continue
         print(f"{name}: starting {layout}", file=sys.stderr)
-        llms[layout], startup[layout] = start_layout(model, tp, pp, args)
+        llms[layout], startup[layout] = start_layout(model, tp, pp, args, dp)
     from tqdm.auto import tqdm
     steps: dict[int, dict[str, float]] = {}
     try:
@@ -148,8 +153,8 @@ def tables(results: list[dict], ray_start_s: float, args) -> str:
     out = ["## Ray layouts against a single rank (bench_ray.py)", "",
            f"Decode step time (every sequence gets one token), {args.prompt_len}-token prompts, median of "
            f"{args.reps} interleaved rounds of {args.steps} steps. single = one rank in-process with "
-           f"{args.threads} threads; PP=2 / TP=T = 2 / T Ray workers with 1 thread each. Ratio = single / layout "
-           f"(above 1: the layout is faster). {common.machine_line()}.", ""]
+           f"{args.threads} threads; PP=2 / TP=T / DP=2 = 2 / T / 2 Ray workers with 1 thread each. "
+           f"Ratio = single / layout (above 1: the layout is faster). {common.machine_line()}.", ""]
     for r in results:
         layouts = [lay for lay in LAYOUTS if lay in args.layouts or lay == "single"]
         headers = ["batch"] + [f"{lay} ms/step" for lay in layouts] + [f"single/{lay}" for lay in layouts[1:]]
@@ -178,20 +183,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--model", help="real model folder (default: the bundled SmolLM2, converted once)")
     ap.add_argument("--models", nargs="+", default=["smollm2", "tiny"], choices=["smollm2", "tiny"])
-    ap.add_argument("--layouts", nargs="+", default=["PP=2", "TP=2", "TP=3"],
-                    choices=[lay for lay in LAYOUTS if lay != "single"])
+    ap.add_argument("--layouts", nargs="+", choices=[lay for lay in LAYOUTS if lay != "single"],
+                    help="layouts against the single rank (default: PP=2 TP=2 TP=3 DP=2; --quick: PP=2 TP=2 DP=2)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 64])
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--steps", type=int, default=8, help="engine steps per timed round (default: 8)")
     ap.add_argument("--reps", type=int, default=3, help="interleaved rounds (default: 3)")
     ap.add_argument("--warmup", type=int, default=3, help="tokens per sequence before timing (default: 3)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the single rank (default: 2)")
-    ap.add_argument("--quick", action="store_true", help="smoke test: tiny model, batches 1 and 4, 2 rounds")
+    ap.add_argument("--quick", action="store_true", help="smoke test: tiny model, batches 1 and 4, 2 rounds, "
+                    "no TP=3")
     ap.add_argument("--output", help="append the markdown result to this file")
     ap.add_argument("--json", help="write the numbers as JSON to this file")
     args = ap.parse_args(argv)
     if args.quick:
         args.models, args.batches, args.steps, args.reps = ["tiny"], [1, 4], 4, 2
+    if args.layouts is None:
+        args.layouts = ["PP=2", "TP=2", "DP=2"] if args.quick else ["PP=2", "TP=2", "TP=3", "DP=2"]
     return args
 
 
@@ -200,7 +208,7 @@ def main(argv=None) -> dict:
     common.set_threads(args.threads)
     print(common.machine_line(), file=sys.stderr)
     # every Ray layout stays alive during the interleaved rounds: tp x pp workers x 1 logical CPU each
-    ray_start_s = start_ray(num_cpus=sum(LAYOUTS[lay][0] * LAYOUTS[lay][1] for lay in args.layouts))
+    ray_start_s = start_ray(num_cpus=sum(math.prod(LAYOUTS[lay]) for lay in args.layouts))
     results = []
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -7,11 +7,18 @@
    length), against the same workload through offline `LLM.generate` - an `LLM` with the same
    layout joined to the same Ray cluster, so both sides run the same Ray executor and the ratio
    is what serving costs. Rounds alternate (offline, HTTP, HTTP, offline, ...);
-3. latency: TTFT and TPOT p50/p99 at 1 and 8 concurrent streams, and TTFT at 1 stream against
-   the offline first-token time (`LLM.generate_stream`, the same prompts one at a time).
+3. latency: TTFT and TPOT p50/p99 at 1 and 8 concurrent streams (--stream-levels), and TTFT at
+   1 stream against the offline first-token time (`LLM.generate_stream`, the same prompts one at
+   a time);
+4. Poisson arrivals (what `vllm bench serve` reports): --rate-requests requests sent at each of
+   --rates requests/s (exponential gaps from a seeded generator; `inf` sends them all at once,
+   saturation), streamed through /v1/completions; per rate: TTFT, TPOT and inter-token latency
+   (mean, p50, p99), requests/s, output tokens/s, failed requests. A failure (an HTTP error, a
+   dropped stream, a short output) is counted, never raised.
 
     python benchmarks/bench_serve.py            # 128 requests, prompts 8-128, outputs 8-64
     python benchmarks/bench_serve.py --quick    # 32 requests, prompts 8-64, outputs 8-32 (a few minutes)
+    python benchmarks/bench_serve.py --rates 0.5 1 2 4 inf --rate-requests 32
 
 Writes benchmarks/results/serve.json and serve.md (or --json / --output).
 """
@@ -52,6 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--concurrency", type=int, default=64, help="streams at saturation (default 64)")
     ap.add_argument("--latency-requests", type=int, default=16, help="requests per latency level (default 16)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds per side at saturation (default 2)")
+    ap.add_argument("--stream-levels", type=int, nargs="*", default=[1, 8],
+                    help="concurrent streams of the fixed-concurrency latency runs (default: 1 8)")
+    ap.add_argument("--rates", type=float, nargs="*", default=[0.5, 1.0, 2.0, float("inf")],
+                    help="Poisson arrival rates in requests/s; inf = all at once (default: 0.5 1 2 inf)")
+    ap.add_argument("--rate-requests", type=int, default=16, help="requests per Poisson rate (default 16)")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--max-num-seqs", type=int, default=64)
@@ -63,7 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.quick:
         args.num_requests, args.prompt_len, args.output_len, args.latency_requests = 32, [8, 64], [8, 32], 8
-        args.rounds = 1
+        args.rounds, args.stream_levels, args.rate_requests = 1, [1], 8
+    for r in args.rates:
+        if not r > 0:
+            ap.error(f"--rates: {r:g} is not a rate; give requests per second > 0, or inf for all at once")
     return args
 
 
@@ -174,6 +189,80 @@ def offline_first_token(llm, reqs: list[Request]) -> list[float]:
     return out
 
 
+# ------------------------------------------------------------------------------------- Poisson arrivals
+
+
+def arrival_times(n: int, rate: float, seed: int = 0) -> list[float]:
+    """Send times (s from the start) of `n` requests arriving as a Poisson process of `rate` per second.
+
+    Gaps are exponential with mean 1/rate from `random.Random(seed)` (the same seed, the same
+    schedule); rate=inf sends every request at 0.
+    """
+    import math
+    import random
+    if math.isinf(rate):
+        return [0.0] * n
+    rng, t, out = random.Random(seed), 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        out.append(t)
+    return out
+
+
+async def timed_stream(client, url: str, model: str, req: Request, send_at: float, t0: float) -> dict:
+    """One streamed request sent at t0 + send_at: its chunk arrival times, or the error that ended it."""
+    await asyncio.sleep(max(0.0, t0 + send_at - time.perf_counter()))
+    body = {"model": model, "prompt": req.prompt_token_ids, "max_tokens": req.max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    start, chunks, tokens = time.perf_counter(), [], 0
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return {"ok": False, "error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                elif chunk["choices"]:
+                    chunks.append(time.perf_counter())
+    except Exception as e:   # a dropped connection is a failed request, not a crashed benchmark
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    if tokens != req.max_tokens or not chunks:
+        return {"ok": False, "error": f"{tokens} of {req.max_tokens} tokens"}
+    return {"ok": True, "start": start, "chunks": chunks, "tokens": tokens}
+
+
+def serving_metrics(records: list[dict], elapsed: float) -> dict:
+    """The `vllm bench serve` figures of one run: throughput, failures, TTFT / TPOT / ITL mean, p50, p99 (s).
+
+    TTFT: send to first chunk; TPOT: (last chunk - first chunk) / (tokens - 1) per request;
+    ITL: every gap between consecutive chunks of a request, pooled over requests.
+    """
+    ok = [r for r in records if r["ok"]]
+    ttft = [r["chunks"][0] - r["start"] for r in ok]
+    tpot = [(r["chunks"][-1] - r["chunks"][0]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1]
+    itl = [b - a for r in ok for a, b in zip(r["chunks"], r["chunks"][1:])]
+    return {"completed": len(ok), "failed": len(records) - len(ok), "duration_s": elapsed,
+            "request_throughput": len(ok) / elapsed, "output_throughput": sum(r["tokens"] for r in ok) / elapsed,
+            "ttft": common.percentiles(ttft), "tpot": common.percentiles(tpot), "itl": common.percentiles(itl),
+            "errors": sorted({r["error"] for r in records if not r["ok"]})[:5]}
+
+
+async def poisson_run(url: str, model: str, reqs: list[Request], rate: float, seed: int = 0) -> dict:
+    """Send `reqs` at Poisson arrivals of `rate` per second (no concurrency cap, as `vllm bench serve`)."""
+    import httpx
+    times = arrival_times(len(reqs), rate, seed)
+    limits = httpx.Limits(max_connections=len(reqs) + 4, max_keepalive_connections=len(reqs) + 4)
+    async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
+        t0 = time.perf_counter()
+        records = await asyncio.gather(*(timed_stream(client, url, model, r, at, t0) for r, at in zip(reqs, times)))
+        elapsed = time.perf_counter() - t0
+    import math
+    return {"rate": rate if math.isfinite(rate) else "inf", **serving_metrics(records, elapsed)}
+
+
 def _percentiles(res: list[dict]) -> dict:
     return {f"{k}_p{q}": pct([r[k] for r in res], q) for k in ("ttft", "tpot") for q in (50, 99)}
 
@@ -206,6 +295,9 @@ def main(argv=None) -> dict:
     lat_reqs = make_requests(args.latency_requests, vocab, seed=1, min_prompt=args.prompt_len[0],
                              max_prompt=args.prompt_len[1], min_output=args.output_len[0],
                              max_output=args.output_len[1])
+    rate_reqs = make_requests(args.rate_requests, vocab, seed=2, min_prompt=args.prompt_len[0],
+                              max_prompt=args.prompt_len[1], min_output=args.output_len[0],
+                              max_output=args.output_len[1])
     print(f"workload: {summary(reqs)}; machine: {common.machine_line()}", flush=True)
     proc, startup, address = start_server(model, args, env, port)
     print(f"shardline serve healthy after {startup:.1f} s", flush=True)
@@ -230,10 +322,15 @@ def main(argv=None) -> dict:
                         times["http"].append(elapsed)
                     print(f"round {rnd} {side}: {total / times[side][-1]:.1f} output tok/s", flush=True)
             latency = {}
-            for c in (1, 8):
+            for c in args.stream_levels:
                 _, res = asyncio.run(http_run(url, name, lat_reqs, c))
                 latency[c] = res
-            offline_ttft = offline_first_token(llm, lat_reqs)
+            offline_ttft = offline_first_token(llm, lat_reqs) if 1 in args.stream_levels else []
+            poisson = []
+            for rate in args.rates:
+                poisson.append(asyncio.run(poisson_run(url, name, rate_reqs, rate)))
+                print(f"rate {rate:g} req/s: {poisson[-1]['output_throughput']:.1f} output tok/s, "
+                      f"{poisson[-1]['failed']} failed", flush=True)
         finally:
             llm.shutdown()
     finally:
@@ -245,16 +342,28 @@ def main(argv=None) -> dict:
         "startup_to_health_s": startup,
         "throughput_tok_s": tput, "http_over_offline": tput["http"] / tput["offline"],
         "latency": {str(c): _percentiles(res) for c, res in latency.items()},
-        "offline_first_token_p50": pct(offline_ttft, 50),
+        "offline_first_token_p50": pct(offline_ttft, 50) if offline_ttft else None,
+        "poisson_workload": summary(rate_reqs), "poisson": poisson,
     }
-    result["ttft_1_over_offline"] = result["latency"]["1"]["ttft_p50"] / result["offline_first_token_p50"]
+    if offline_ttft:
+        result["ttft_1_over_offline"] = result["latency"]["1"]["ttft_p50"] / result["offline_first_token_p50"]
     write(result, args)
     return result
 
 
+POISSON_HEADERS = ["rate req/s", "completed", "failed", "req/s", "output tok/s"] + [
+    f"{m} {s} ms" for m in ("TTFT", "TPOT", "ITL") for s in ("mean", "p50", "p99")]
+
+
+def poisson_rows(poisson: list[dict]) -> list[list]:
+    ms = lambda v: "n/a" if v is None else 1e3 * v
+    return [[str(p["rate"]), p["completed"], p["failed"], p["request_throughput"], p["output_throughput"],
+             *(ms(p[m][s]) for m in ("ttft", "tpot", "itl") for s in ("mean", "p50", "p99"))] for p in poisson]
+
+
 def write(result: dict, args) -> None:
     pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
+    pathlib.Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     lat = result["latency"]
     rows = [["offline LLM.generate (same Ray executor)", f"{result['throughput_tok_s']['offline']:.1f}", "1.00"],
             [f"HTTP, {result['concurrency']} streams", f"{result['throughput_tok_s']['http']:.1f}",
@@ -267,9 +376,12 @@ def write(result: dict, args) -> None:
         f"pp={result['layout']['pp']}; workload: {result['workload']}.",
         common.markdown_table(["side", "output tokens/s", "ratio to offline"], rows),
         common.markdown_table(["HTTP load", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms"], lrows),
-        f"TTFT at 1 stream (p50) {lat['1']['ttft_p50'] * 1e3:.0f} ms vs offline first token "
-        f"{result['offline_first_token_p50'] * 1e3:.0f} ms (ratio {result['ttft_1_over_offline']:.2f}). "
+        (f"TTFT at 1 stream (p50) {lat['1']['ttft_p50'] * 1e3:.0f} ms vs offline first token "
+         f"{result['offline_first_token_p50'] * 1e3:.0f} ms (ratio {result['ttft_1_over_offline']:.2f}). "
+         if "ttft_1_over_offline" in result else "") +
         f"`shardline serve` start-up to first healthy /health: {result['startup_to_health_s']:.1f} s.",
+        f"### Poisson arrivals ({result['poisson_workload']}; inf = all at once)",
+        common.markdown_table(POISSON_HEADERS, poisson_rows(result["poisson"])),
     ])
     pathlib.Path(args.output).write_text(text + "\n")
     print(text)

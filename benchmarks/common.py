@@ -151,3 +151,67 @@ def write_result(path: str | None, text: str) -> None:
         pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             f.write(text.rstrip() + "\n\n")
+
+
+def cpu_model() -> str:
+    """`lscpu`'s "Model name" (falls back to /proc/cpuinfo, then the platform string)."""
+    import platform
+    import subprocess
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.strip().startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def cpu_simd() -> list[str]:
+    """The vector extensions that decide fp32 / bf16 / int8 matmul speed, among the CPU's flags (Linux)."""
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return []
+    return [w for w in wanted if w in flags]
+
+
+def git_commit() -> str:
+    """Short commit of the checkout the benchmarks run from, with '+dirty' if it has uncommitted changes."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if head and dirty else "")
+
+
+def machine_info(threads: int) -> dict:
+    """Where and from what the numbers come: CPU model, cores, torch, threads, load average, commit, time."""
+    import datetime
+    from importlib.metadata import version  # not `import torch`: the suite's driver stays light
+
+    return {"cpu_model": cpu_model(), "cpu_simd": cpu_simd(), "cores": os.cpu_count(), "torch": version("torch"),
+            "threads": threads,
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "commit": git_commit(),
+            "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def percentiles(xs: Sequence[float], qs: Sequence[int] = (50, 99)) -> dict[str, float]:
+    """{'mean': ..., 'p50': ..., 'p99': ...} of `xs` (linear interpolation, numpy's default); None if empty
+    (None, not NaN: the results stay strict JSON)."""
+    import numpy as np
+    if not len(xs):
+        return {"mean": None, **{f"p{q}": None for q in qs}}
+    arr = np.asarray(xs, dtype=float)
+    return {"mean": float(arr.mean()), **{f"p{q}": float(np.percentile(arr, q)) for q in qs}}

@@ -5,6 +5,7 @@
                        [--seed S] [--json] [--quantization M] [PROMPT | - ...]     (- or a pipe: prompts from stdin)
     shardline preflight --model DIR [--tensor-parallel-size T] [--pipeline-parallel-size P] [--address A]
     shardline quantize MODEL OUT --method {int8,int4,int4-g32,int4-g64,int4-g128,w8a8}
+    shardline bench [roofline|throughput|serve|scaling|memory|all ...] [--quick] [--tiny] ...   (benchmarks/run_all.py)
 
 Each subcommand is one `_add_<name>(subparsers)` function that declares its arguments and sets
 `func` to a `_run_<name>(args) -> int` handler; `main` only dispatches. Handlers import their
@@ -202,12 +203,36 @@ def _run_quantize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    # add_help=False and no arguments here: every flag (and -h) goes to benchmarks/run_all.py, which owns
+    # and checks them, so the suite's options are declared once
+    parser = subparsers.add_parser(
+        "bench", add_help=False,
+        help="run the benchmark suite: roofline, throughput, serve, scaling, memory (`shardline bench -h`)",
+        description="Run benchmarks/run_all.py from this source checkout with the given arguments.",
+    )
+    parser.set_defaults(func=_run_bench, passthrough=True)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import pathlib
+    import subprocess
+
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    script = repo / "benchmarks" / "run_all.py"
+    if not script.is_file():   # a wheel install ships cluster/, sharding/, scheduler/ but not benchmarks/
+        raise FileNotFoundError(f"shardline bench runs the suite of a source checkout, and {script} does not "
+                                "exist: clone the repository and install it with `pip install -e .`")
+    return subprocess.run([sys.executable, str(script), *args.passthrough_args], cwd=repo).returncode
+
+
 # Order here is the order in `shardline --help`.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_prepare_model,
     _add_generate,
     _add_preflight,
     _add_quantize,
+    _add_bench,
 ]
 from cluster.serve_cli import SUBCOMMANDS as _SERVE_SUBCOMMANDS  # noqa: E402 - serve, status, stop
 
@@ -223,7 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # usage errors exit 2 from argparse itself
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # usage errors exit 2 from argparse itself
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.passthrough_args = extra   # `bench` hands them to its script, which checks them
     try:
         return args.func(args)
     except KeyboardInterrupt:
