@@ -43,7 +43,9 @@ def build_app(config: ServeConfig, app_name: str = DEFAULT_APP_NAME) -> serve.Ap
     bundles, strategy = engine_bundles(config.tensor_parallel_size, config.pipeline_parallel_size, share, use_gpu)
     env = worker_runtime_env(REPO_ROOT)
     limits = {"max_ongoing_requests": config.max_ongoing_requests,
-              "max_queued_requests": config.max_queued_requests}
+              "max_queued_requests": config.max_queued_requests,
+              # Serve waits this long for ongoing calls before it stops a replica (then __del__ aborts the rest)
+              "graceful_shutdown_timeout_s": config.drain_timeout_s}
     engine = ShardlineEngine.options(
         name=ENGINE_DEPLOYMENT, num_replicas=config.data_parallel_size, placement_group_bundles=bundles,
         placement_group_strategy=strategy, ray_actor_options={"num_cpus": REPLICA_CPU, "runtime_env": env},

@@ -10,6 +10,12 @@ so the `RayExecutor` places its `ShardWorker`s into bundles 1.. of the group Ser
 deployment adapts, it does not decide: requests go to `AsyncLLMEngine`, whose step loop is the
 same `LLMEngine` the offline `LLM` runs. A pusher thread sends this replica's metrics snapshot to
 the application's `MetricsHub` every PUSH_PERIOD_S and receives the aborts addressed to it.
+
+Graceful shutdown, two ways in: `shardline serve` on SIGTERM asks the hub to drain, and every
+replica drains at its next push (`AsyncLLMEngine.drain`: refuse new requests with 503, give the
+running ones ServeConfig.drain_timeout_s, abort the rest); when Serve itself removes a replica
+(`shardline stop`, a scale-down) it first waits up to graceful_shutdown_timeout_s (set to the
+same drain timeout by the builder) for ongoing calls, and `__del__` aborts whatever is left.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ class ShardlineEngine:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._hub = serve.get_deployment_handle(HUB_DEPLOYMENT, app_name)
         self._stop = threading.Event()
+        self._drain: threading.Thread | None = None
+        self.drained: dict | None = None
         self._pusher = threading.Thread(target=self._push_loop, name="shardline-metrics-push", daemon=True)
         self._pusher.start()
 
@@ -98,23 +106,38 @@ class ShardlineEngine:
     def _snapshot(self) -> dict:
         snap = self.engine.snapshot()
         snap["request_ids"] = self.engine.request_ids
+        snap["drained"] = self.drained
         return snap
 
     def _push_loop(self) -> None:
         while not self._stop.wait(PUSH_PERIOD_S):
             try:
-                aborts = self._hub.push.remote(self.replica_id, self._snapshot()).result(timeout_s=10)
+                reply = self._hub.push.remote(self.replica_id, self._snapshot()).result(timeout_s=10)
             except Exception as exc:   # noqa: BLE001 - the hub may be restarting; try again next period
                 logger.debug("metrics push failed: %s", exc)
                 continue
-            for rid in aborts:
+            for rid in reply["aborts"]:
                 self.engine.abort(rid)
+            if reply["drain_s"] is not None and self._drain is None:
+                self._drain = threading.Thread(target=self._run_drain, args=(reply["drain_s"],),
+                                               name="shardline-drain", daemon=True)
+                self._drain.start()
+
+    def _run_drain(self, timeout_s: float) -> None:
+        self.drained = self.engine.drain(timeout_s)
+        logger.info("drained: %s", self.drained)
 
     def __del__(self) -> None:
         """Serve calls this when the replica stops: stop the loop, release the workers."""
         stop = getattr(self, "_stop", None)
         if stop is not None:
             stop.set()
+        engine = getattr(self, "engine", None)
+        if engine is not None and engine.dead is None:
+            try:   # Serve already waited for ongoing calls: abort what is left so its streams end cleanly
+                engine.drain(0)
+            except Exception:   # noqa: BLE001 - shutting down regardless
+                logger.debug("final drain failed", exc_info=True)
         for name in ("engine", "llm"):
             obj = getattr(self, name, None)
             if obj is not None:
