@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 
+import psutil
 import pytest
 
 from sharding.dist import free_port
@@ -43,6 +44,7 @@ def ray_head():
          "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--block"],
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
+    HEAD_PIDS[url] = head.pid
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -126,3 +128,54 @@ def test_detached_app_outlives_the_command_and_serves_drivers_and_jobs(ray_head,
     assert not [a for a in left["actors"] if any(c in a for c in SHARDLINE_CLASSES)], left
     assert left["groups"] == [], left
     print(f"detached round trip in {time.monotonic() - t0:.0f} s")
+
+
+SERVE_CYCLES = int(os.environ.get("SHARDLINE_LEAK_SERVE_CYCLES", "1"))
+SHARDLINE_PROCS = ("ray::ShardWorker", "ShardlineEngine", "OpenAIIngress", "MetricsHub")
+HEAD_PIDS: dict[str, int] = {}   # dashboard url -> pid of `ray start --block` (every session process descends)
+
+
+def _session(head_pid: int) -> dict:
+    """Processes under the `ray start` head: the Shardline ones, and the Ray daemons' (RSS, open fds)."""
+    ours, daemons = [], {}
+    for p in psutil.Process(head_pid).children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+            if any(name in cmd for name in SHARDLINE_PROCS):
+                ours.append(cmd[:120])
+            elif any(d in cmd for d in ("gcs_server", "raylet")):
+                daemons[cmd.split()[0].rsplit("/", 1)[-1]] = (p.memory_info().rss, p.num_fds())
+        except psutil.Error:   # exited meanwhile
+            pass
+    return {"ours": ours, "daemons": daemons}
+
+
+def test_serve_detach_stop_cycles_leak_nothing(ray_head, tiny_llama_dir):
+    """Issue 12 test 12 (second half): `shardline serve --detach` / `shardline stop` cycles leave no Shardline
+    actor, placement group or process, and the Ray daemons' RSS and fds do not grow with the cycles.
+    `make test` runs 1 cycle (each is a cold start); `make leaks` runs the issue's 5."""
+    url, env = ray_head
+    head_pid = HEAD_PIDS[url]
+    marks = []
+    for cycle in range(SERVE_CYCLES):
+        port = free_port("127.0.0.1")
+        _run([sys.executable, "-m", "cluster.cli", "serve", str(tiny_llama_dir), "--detach", "--name", "cyc",
+              "--port", str(port)], env)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as r:
+            assert r.status == 200
+        assert "stopped cyc" in _run([sys.executable, "-m", "cluster.cli", "stop", "cyc"], env)
+        deadline = time.monotonic() + 30
+        while True:
+            left = json.loads(_run([sys.executable, "-c", LEFTOVERS], env).strip().splitlines()[-1])
+            session = _session(head_pid)
+            clean = (not [a for a in left["actors"] if any(c in a for c in SHARDLINE_CLASSES)]
+                     and left["groups"] == [] and session["ours"] == [])
+            if clean or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert clean, f"cycle {cycle} left {left} {session['ours']}"
+        marks.append(session["daemons"])
+    print(f"{SERVE_CYCLES} detach/stop cycles: Ray daemons (RSS bytes, fds) first {marks[0]} last {marks[-1]}")
+    for name, (rss, fds) in marks[-1].items():
+        rss0, fds0 = marks[0][name]
+        assert fds - fds0 <= 16 and rss - rss0 <= 64 * 2**20, (name, marks)
