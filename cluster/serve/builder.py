@@ -28,6 +28,7 @@ from cluster.serve.metrics_hub import MetricsHub
 from cluster.serve.openai_ingress import OpenAIIngress
 
 REPLICA_CPU = 0.01     # the engine replica only schedules; its workers hold the CPUs
+INGRESS_DRAIN_MARGIN_S = 5.0
 
 
 def engine_bundles(tp: int, pp: int, cpus_per_worker: float, use_gpu: bool) -> tuple[list[dict], str]:
@@ -43,15 +44,17 @@ def build_app(config: ServeConfig, app_name: str = DEFAULT_APP_NAME) -> serve.Ap
     bundles, strategy = engine_bundles(config.tensor_parallel_size, config.pipeline_parallel_size, share, use_gpu)
     env = worker_runtime_env(REPO_ROOT)
     limits = {"max_ongoing_requests": config.max_ongoing_requests,
-              "max_queued_requests": config.max_queued_requests,
-              # Serve waits this long for ongoing calls before it stops a replica (then __del__ aborts the rest)
-              "graceful_shutdown_timeout_s": config.drain_timeout_s}
+              "max_queued_requests": config.max_queued_requests}
+    # Serve waits this long for ongoing calls before it stops a replica (an engine's __del__ then aborts
+    # the rest); the ingress waits a little longer, to deliver the engines' last (e.g. "abort") chunks
+    drain = config.drain_timeout_s
     engine = ShardlineEngine.options(
         name=ENGINE_DEPLOYMENT, num_replicas=config.data_parallel_size, placement_group_bundles=bundles,
         placement_group_strategy=strategy, ray_actor_options={"num_cpus": REPLICA_CPU, "runtime_env": env},
-        **limits).bind(config, app_name, share)
+        graceful_shutdown_timeout_s=drain, **limits).bind(config, app_name, share)
     hub = MetricsHub.options(ray_actor_options={"num_cpus": 0, "runtime_env": env}).bind(config.model_name)
-    return OpenAIIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": env}, **limits).bind(
+    return OpenAIIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": env},
+                                 graceful_shutdown_timeout_s=drain + INGRESS_DRAIN_MARGIN_S, **limits).bind(
         engine, hub, config)
 
 

@@ -31,6 +31,7 @@ from cluster.llm import LLM
 from cluster.ray_workers import ExistingGroup
 from cluster.serve.config import HUB_DEPLOYMENT, ServeConfig
 from scheduler.async_engine import AsyncLLMEngine
+from scheduler.errors import PromptTooLongError
 from scheduler.executor import EngineDeadError
 from scheduler.request import RequestOutput
 from scheduler.sampling_params import SamplingParams
@@ -70,6 +71,8 @@ class ShardlineEngine:
         """
         prompt, text = self._prompt(request)
         params = request.get("params") or SamplingParams()
+        if request.get("check_length"):
+            self._check_room(prompt, params)
         async for out in self.engine.generate(prompt, params, request["request_id"], prompt_text=text):
             yield out
 
@@ -85,6 +88,25 @@ class ShardlineEngine:
             return self.llm.tokenizer.encode(text, add_special_tokens=False).ids, text
         prompt = request["prompt"]
         return prompt, None   # text, token ids or a {"prompt_token_ids", "prompt"} dict: the engine validates it
+
+    def _check_room(self, prompt, params: SamplingParams) -> None:
+        """The HTTP edge, as OpenAI's and vLLM's servers: prompt + max_tokens must fit max_model_len (the
+        Python API instead ends such an output with "length" at the limit, as vLLM's `LLM` does)."""
+        if params.max_tokens is None or not isinstance(params.max_tokens, int):
+            return
+        if isinstance(prompt, dict):
+            prompt = prompt.get("prompt_token_ids") or prompt.get("prompt")
+        if isinstance(prompt, str):
+            n = len(self.llm.tokenizer.encode(prompt).ids)
+        elif isinstance(prompt, list):
+            n = len(prompt)
+        else:
+            return   # the engine names what is wrong with it
+        limit = self.llm.engine.max_model_len
+        if n < limit < n + params.max_tokens:
+            raise PromptTooLongError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = "
+                                     f"{n + params.max_tokens} exceeds max_model_len={limit}; ask for at most "
+                                     f"max_tokens={limit - n}", n, limit, param="max_tokens")
 
     def abort(self, request_id: str) -> bool:
         return self.engine.abort(request_id)

@@ -306,6 +306,7 @@ class OpenAIIngress:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         for i, call in enumerate(calls):
             call["request_id"] = f"{rid}-{i}"
+            call["check_length"] = True   # prompt + max_tokens must fit (a 400 otherwise, as OpenAI's API)
         streams = [self.engine.options(stream=True).generate.remote(call) for call in calls]
         try:
             firsts = [await s.__anext__() for s in streams]   # raise a rejection here, before the 200
