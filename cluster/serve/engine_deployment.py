@@ -96,12 +96,10 @@ class ShardlineEngine:
             return
         if isinstance(prompt, dict):
             prompt = prompt.get("prompt_token_ids") or prompt.get("prompt")
-        if isinstance(prompt, str):
-            n = len(self.llm.tokenizer.encode(prompt).ids)
-        elif isinstance(prompt, list):
-            n = len(prompt)
-        else:
-            return   # the engine names what is wrong with it
+        try:
+            n = len(self.llm.tokenizer.encode(prompt).ids) if isinstance(prompt, str) else len(prompt)
+        except Exception:   # noqa: BLE001 - not a valid prompt: the engine names what is wrong with it
+            return
         limit = self.llm.engine.max_model_len
         if n < limit < n + params.max_tokens:
             raise PromptTooLongError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = "

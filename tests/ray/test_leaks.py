@@ -29,10 +29,13 @@ RSS_SLACK = 64 * 2**20          # allocator noise; a leak of one model's worth p
 
 def leftovers() -> tuple[list, list, list]:
     """(our live actors, our live placement groups, ShardWorker processes) on this machine's Ray."""
+    # the address given explicitly: left to find Ray by itself, the state API fails when other Rays run here
+    address = ray.get_runtime_context().gcs_address
     job = ray.get_runtime_context().get_job_id()
-    actors = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE"), ("job_id", "=", job)])]
-    groups = [g.placement_group_id for g in list_placement_groups(filters=[("state", "!=", "REMOVED")])
-              if g.creator_job_id == job]
+    actors = [a.class_name for a in list_actors(address=address, filters=[("state", "=", "ALIVE")],
+                                                raise_on_missing_output=False) if a.job_id == job]
+    groups = [g.placement_group_id for g in list_placement_groups(address=address, raise_on_missing_output=False)
+              if g.creator_job_id == job and g.state != "REMOVED"]
     # ray.init started this session's raylet as our child, and it starts the workers: our descendants
     procs = [p.pid for p in psutil.Process().children(recursive=True) if _is_shard_worker(p)]
     return actors, groups, procs
