@@ -89,7 +89,7 @@ def retry_after(exc: BaseException) -> int | None:
     if isinstance(exc, RetryableError):
         return max(1, math.ceil(exc.retry_after_s))
     if isinstance(exc, BackPressureError):
-        return math.ceil(BACKPRESSURE_RETRY_S)
+        return max(1, math.ceil(getattr(exc, "retry_after_s", None) or BACKPRESSURE_RETRY_S))
     return None
 
 
