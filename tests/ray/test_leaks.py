@@ -2,7 +2,7 @@
 
 After every cycle no actor or placement group of ours is alive and no `ray::ShardWorker` process
 is left; across the cycles the driver's RSS and open file descriptors do not grow. `make test`
-runs LEAK_CYCLES=3 cycles; `make leaks` runs the issue's 20 (SHARDLINE_LEAK_CYCLES=20).
+runs LEAK_CYCLES=2 cycles; `make leaks` runs the issue's 20 (SHARDLINE_LEAK_CYCLES=20).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from scheduler.sampling_params import SamplingParams
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
 RAY_DASHBOARD = True   # the state API needs it
-LEAK_CYCLES = int(os.environ.get("SHARDLINE_LEAK_CYCLES", "3"))
+LEAK_CYCLES = int(os.environ.get("SHARDLINE_LEAK_CYCLES", "2"))
 FD_SLACK = 8                    # sockets Ray's client may open lazily (first cycles), not per cycle
 RSS_SLACK = 64 * 2**20          # allocator noise; a leak of one model's worth per cycle would exceed it
 
