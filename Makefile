@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv model demo test bench lint
+.PHONY: venv model demo test bench lint leaks
 
 venv: $(STAMP)
 
@@ -31,6 +31,12 @@ demo: venv model
 # pytest's exit status is the recipe's status: failures and exit 5 (no tests collected) both fail.
 test: venv model
 	$(PY) -m pytest -x -q --durations=15
+
+# issue 12's full leak counts (make test runs 2 LLM cycles and 1 detach cycle): 20 create/destroy
+# cycles of LLM, 5 of `shardline serve --detach` / `shardline stop`, each checked for leftovers
+leaks: venv model
+	SHARDLINE_LEAK_CYCLES=20 SHARDLINE_LEAK_SERVE_CYCLES=5 $(PY) -m pytest -q -s \
+		tests/ray/test_leaks.py tests/serve/test_detached.py
 
 # The whole benchmark suite (~25 min on 2 cores); `make bench BENCH_ARGS=--quick` for the ~6 min smoke run.
 # Results: benchmarks/results/latest.{md,json,png}.

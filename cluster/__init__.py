@@ -2,7 +2,13 @@
 
 from cluster.llm import LLM
 from scheduler.beam_search import BeamSearchOutput, BeamSearchParams
-from scheduler.errors import InvalidRequestError, PromptTooLongError, UnknownArgumentError
+from scheduler.errors import (
+    EngineDrainingError,
+    InvalidRequestError,
+    PromptTooLongError,
+    QueueFullError,
+    UnknownArgumentError,
+)
 from scheduler.executor import EngineDeadError
 from scheduler.request import CompletionOutput, RequestOutput
 from scheduler.sampling_params import SamplingParams
@@ -19,4 +25,5 @@ def connect(name: str = "shardline", address: str | None = None):
 
 
 __all__ = ["LLM", "connect", "BeamSearchOutput", "BeamSearchParams", "CompletionOutput", "EngineDeadError",
-           "InvalidRequestError", "PromptTooLongError", "RequestOutput", "SamplingParams", "UnknownArgumentError"]
+           "InvalidRequestError", "PromptTooLongError", "RequestOutput", "SamplingParams", "UnknownArgumentError",
+           "QueueFullError", "EngineDrainingError"]

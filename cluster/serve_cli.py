@@ -5,7 +5,9 @@
     shardline status [--address A]
     shardline stop NAME [--address A]
 
-`serve` in the foreground runs until Ctrl-C or SIGTERM, then deletes its application (Serve
+`serve` in the foreground runs until Ctrl-C or SIGTERM, then drains (new requests get 503 +
+Retry-After, running ones get --drain-timeout seconds, the rest end with finish_reason "abort"),
+then deletes its application (Serve
 removes the replicas, their placement groups and, with them, the workers) and, if it started a
 local Ray, stops it. `--detach` deploys onto a running cluster (`ray start --head`; RAY_ADDRESS
 or --address) and returns; `shardline stop NAME` removes it. Handlers follow cluster/cli.py's
@@ -22,6 +24,7 @@ import time
 
 EXIT_OK = 0
 HEALTH_WAIT_S = 600.0
+DRAIN_MARGIN_S = 15.0   # beyond --drain-timeout: replicas hear of the drain and abort the rest
 
 
 def add_serve(subparsers: argparse._SubParsersAction) -> None:
@@ -60,6 +63,16 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
                    help="requests served at once per ingress / engine replica (default 256)")
     p.add_argument("--max-queued-requests", type=int, default=64,
                    help="requests queued beyond that before HTTP answers 503 (default 64)")
+    p.add_argument("--max-waiting-requests", type=int, default=128, metavar="N",
+                   help="requests each engine lets wait beyond its running batch; past it HTTP answers 429 with "
+                   "Retry-After (default 128)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM / Ctrl-C / stop: seconds running requests get to finish while new ones get 503; "
+                   "the rest end with finish_reason \"abort\" (default 30; 0 aborts at once)")
+    p.add_argument("--max-request-bytes", type=int, default=2 * 1024 * 1024, metavar="B",
+                   help="largest HTTP request body; larger ones get 413 (default 2 MiB)")
+    p.add_argument("--max-prompt-chars", type=int, default=256 * 1024, metavar="C",
+                   help="longest text prompt (or chat) in characters (default 262144)")
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs each worker reserves (default: the cluster's CPUs shared by all workers, at most 1)")
     p.add_argument("--quantization", default=None, metavar="M",
@@ -76,7 +89,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.detach and not (args.address or os.environ.get("RAY_ADDRESS")):
         raise ValueError("--detach needs a running cluster to leave the application on: `ray start --head`, "
                          "then set RAY_ADDRESS or pass --address")
-    engine_kwargs = {"max_num_seqs": args.max_num_seqs, "dtype": args.dtype}
+    engine_kwargs = {"max_num_seqs": args.max_num_seqs, "dtype": args.dtype,
+                     "max_waiting_requests": args.max_waiting_requests}
     if args.quantization is not None:
         engine_kwargs["quantization"] = args.quantization
     if args.max_model_len is not None:
@@ -86,7 +100,8 @@ def run_serve(args: argparse.Namespace) -> int:
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         data_parallel_size=args.data_parallel_size, api_key=args.api_key,
         max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
-        cpus_per_worker=args.cpus_per_worker, engine_kwargs=engine_kwargs)
+        drain_timeout_s=args.drain_timeout, max_request_bytes=args.max_request_bytes,
+        max_prompt_chars=args.max_prompt_chars, cpus_per_worker=args.cpus_per_worker, engine_kwargs=engine_kwargs)
     started_ray = _join(args.address)
     try:
         if not args.skip_preflight:
@@ -103,6 +118,7 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"detached: stop it with `shardline stop {args.name}`", flush=True)
             return EXIT_OK
         _wait_for_signal()
+        _drain(args.name, args.drain_timeout)
         return EXIT_OK
     finally:
         if not args.detach:
@@ -173,6 +189,30 @@ def _wait_for_signal() -> None:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("stopping", file=sys.stderr, flush=True)
+
+
+def _drain(name: str, timeout_s: float) -> None:
+    """Graceful shutdown: every replica refuses new requests and finishes (or, past timeout_s, aborts) the rest."""
+    from cluster.serve.client import ShardlineHandle
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second SIGTERM must not cut the drain short
+    print(f"draining {name} (up to {timeout_s:g} s)", file=sys.stderr, flush=True)
+    handle = ShardlineHandle(name)
+    try:
+        handle._hub.drain.remote(timeout_s).result(timeout_s=30)
+        deadline = time.monotonic() + timeout_s + DRAIN_MARGIN_S
+        while time.monotonic() < deadline:
+            live = [r for r in handle.stats()["replicas"].values() if r["alive"]]
+            if all(r.get("drained") for r in live):
+                totals = {k: sum(r["drained"][k] for r in live) for k in ("finished", "aborted")}
+                print(f"drained {name}: {totals['finished']} finished, {totals['aborted']} aborted",
+                      file=sys.stderr, flush=True)
+                return
+            time.sleep(0.25)
+        print(f"drain of {name} did not complete in {timeout_s + DRAIN_MARGIN_S:g} s; stopping anyway",
+              file=sys.stderr, flush=True)
+    except Exception as exc:   # noqa: BLE001 - a failed drain must not prevent the clean-up
+        print(f"drain of {name} failed ({type(exc).__name__}: {exc}); stopping anyway", file=sys.stderr, flush=True)
 
 
 def _shutdown(name: str, started_ray: bool) -> None:

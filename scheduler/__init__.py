@@ -7,11 +7,14 @@ from scheduler.detokenizer import IncrementalDetokenizer
 from scheduler.engine import LLMEngine
 from scheduler.errors import (
     ConfigTypeError,
+    EngineDrainingError,
     InvalidRequestError,
     InvalidTypeError,
     PromptError,
     PromptTooLongError,
     PromptTypeError,
+    QueueFullError,
+    RetryableError,
     SamplingParamsTypeError,
     UnknownArgumentError,
 )
@@ -22,7 +25,7 @@ from scheduler.scheduler import MicroBatch, Scheduler, SchedulerOutput
 
 __all__ = [
     "ConfigTypeError", "InvalidRequestError", "InvalidTypeError", "PromptError", "PromptTypeError",
-    "SamplingParamsTypeError", "UnknownArgumentError",
+    "SamplingParamsTypeError", "UnknownArgumentError", "QueueFullError", "EngineDrainingError", "RetryableError",
     "BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence", "BlockError", "BlockManager",
     "CompletionOutput", "ConfigError", "EngineConfig", "EngineDeadError", "Executor",
     "IncrementalDetokenizer", "LLMEngine", "MicroBatch", "PromptTooLongError", "Request",

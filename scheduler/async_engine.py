@@ -12,6 +12,9 @@ reader that fell behind gets the deltas queued so far merged into one. Leaving
 the `async for` early (break, cancellation, a client that went away) aborts the request, which
 frees its KV blocks at the next step. If a step raises (a dead rank), the engine is dead: every
 open stream and every later call raises that error, and `dead` holds its message.
+
+`drain(timeout_s)` is the graceful shutdown: new `generate` calls raise `EngineDrainingError`,
+running requests get up to `timeout_s` to finish, the rest are aborted (finish_reason "abort").
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 
 from scheduler.engine import LLMEngine
+from scheduler.errors import EngineDrainingError
 from scheduler.executor import EngineDeadError
 from scheduler.metrics import EngineMetrics
 from scheduler.request import RequestOutput
@@ -41,6 +46,7 @@ class AsyncLLMEngine:
         self._deltas = OutputDeltas()
         self._wake = threading.Event()
         self._stop = False
+        self.draining = False
         self._lock = threading.Lock()        # guards _streams
         self._thread = threading.Thread(target=self._loop, name="shardline-step-loop", daemon=True)
         self._thread.start()
@@ -55,6 +61,9 @@ class AsyncLLMEngine:
         (`PromptTooLongError`, `ValueError`), and `EngineDeadError` when the engine dies.
         """
         self._check_alive()
+        if self.draining:
+            raise EngineDrainingError("the engine is shutting down and accepts no new requests; retry on "
+                                      "another replica or after the restart", retry_after_s=5.0)
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if request_id in self._streams:
@@ -98,7 +107,28 @@ class AsyncLLMEngine:
         """Metrics (see `scheduler.metrics`) plus whether the engine is alive."""
         snap = self.metrics.snapshot(self.engine)
         snap["dead"] = self.dead
+        snap["draining"] = self.draining
         return snap
+
+    def drain(self, timeout_s: float, poll_s: float = 0.05) -> dict:
+        """Admit nothing new; give running requests up to `timeout_s` to finish; abort the rest.
+
+        Blocks (call it off the event loop); returns {"in_flight", "finished", "aborted"} counts.
+        An aborted request's stream ends with finish_reason "abort", like any abort."""
+        self.draining = True
+        in_flight = self.engine.get_num_unfinished_requests()
+        deadline = time.monotonic() + timeout_s
+        while self.engine.has_unfinished_requests() and self._error is None and time.monotonic() < deadline:
+            time.sleep(poll_s)
+        left = self.engine.get_num_unfinished_requests()
+        if left and self._error is None:
+            for rid in self.engine.unfinished_request_ids():
+                self.engine.abort_request(rid)
+            self._wake.set()
+            stop_by = time.monotonic() + 30.0    # aborts land at the next step
+            while self.engine.has_unfinished_requests() and self._error is None and time.monotonic() < stop_by:
+                time.sleep(poll_s)
+        return {"in_flight": in_flight, "finished": in_flight - left, "aborted": left}
 
     def shutdown(self) -> None:
         """Stop the step loop (the caller releases the executor)."""

@@ -60,6 +60,9 @@ class EngineConfig:
     """Most top logprobs a request may ask for per token (vLLM's default 20); beam search needs 2 x beam_width."""
     max_n: int = 128
     """Most output sequences one request may ask for (`n`, beam_width)."""
+    max_waiting_requests: int | None = None
+    """Most requests queued and not yet running (new or preempted) across replicas; past it a new
+    request raises `QueueFullError` (HTTP 429) instead of waiting. None: unbounded (offline batches)."""
     # -- Ray executor (ignored in-process)
     cpus_per_worker: float | None = None
     """CPUs each Ray worker reserves; None: min(1, free CPUs / workers)."""
@@ -98,6 +101,9 @@ class EngineConfig:
                       **_ERR)
         if self.num_kv_blocks is not None:
             check_int("num_kv_blocks", self.num_kv_blocks, lo=1, hint="None or an integer >= 1", **_ERR)
+        if self.max_waiting_requests is not None:
+            check_int("max_waiting_requests", self.max_waiting_requests, lo=1,
+                      hint="None (unbounded) or an integer >= 1", **_ERR)
         check_bool("enable_prefix_caching", self.enable_prefix_caching, type_err=ConfigTypeError)
         check_int("seed", self.seed, lo=INT64_MIN, hi=INT64_MAX, hint="a 64-bit signed integer", **_ERR)
         check_int("max_logprobs", self.max_logprobs, lo=0, **_ERR)

@@ -16,6 +16,11 @@ n > 1 shares the prompt through the prefix cache: sibling 0 is admitted first, t
 until its prompt is computed and then reuse its full prompt blocks (each recomputes only the
 partial last block, and samples from its own logits with seed + index). Without prefix caching
 the siblings compute the prompt independently.
+
+Admission control: with `max_waiting_requests`, a request that would make more requests wait
+(queued, not yet running) than that raises `QueueFullError` at once (the caller retries later).
+A request with `SamplingParams.timeout` ends with finish_reason "timeout" at the first step
+after its deadline, wherever it is (waiting or running); its blocks are freed like an abort's.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from tokenizers import Tokenizer
 from scheduler import validation
 from scheduler.config import EngineConfig
 from scheduler.detokenizer import IncrementalDetokenizer
-from scheduler.errors import InvalidRequestError, InvalidTypeError, PromptTooLongError, show
+from scheduler.errors import InvalidRequestError, InvalidTypeError, PromptTooLongError, QueueFullError, show
 from scheduler.executor import Executor
 from scheduler.request import CompletionOutput, Request, RequestOutput, Sequence, SequenceStatus
 from scheduler.sampling_params import SamplingParams
@@ -55,6 +60,7 @@ class LLMEngine:
         self._step_lock = threading.Lock()                      # one step at a time
         self._added: list[Request] = []
         self._aborted: list[str] = []
+        self._deadlines: dict[str, float] = {}                  # request id -> time.monotonic() deadline
         self._order = itertools.count()
         self._step_id = 0
         self.num_steps = 0
@@ -90,10 +96,14 @@ class LLMEngine:
         text, ids = validation.prompt_token_ids(prompt, self.tokenizer, limits)
         if prompt_text is not None:
             text = validation.check_text(prompt_text)
-        return Request(request_id, text, ids, params, time.time() if arrival_time is None else arrival_time)
+        deadline = None if params.timeout is None else time.monotonic() + params.timeout
+        return Request(request_id, text, ids, params, time.time() if arrival_time is None else arrival_time,
+                       deadline=deadline)
 
     def add_requests(self, requests: list[Request]) -> None:
-        """Queue validated requests all together or none of them (atomic admission)."""
+        """Queue validated requests all together or none of them (atomic admission).
+
+        Raises QueueFullError (nothing queued) if they would make more than max_waiting_requests wait."""
         with self._lock:
             running = set(self._requests) | {r.request_id for r in self._added}
             seen = set()
@@ -102,7 +112,26 @@ class LLMEngine:
                     raise InvalidRequestError(f"request_id {req.request_id!r} is already running", "request_id",
                                               req.request_id)
                 seen.add(req.request_id)
+            self._check_queue_room(len(requests))
             self._added.extend(requests)
+            self._deadlines.update((r.request_id, r.deadline) for r in requests if r.deadline is not None)
+
+    def _check_queue_room(self, incoming: int) -> None:
+        """(under self._lock) QueueFullError unless `incoming` more waiting requests fit the bound."""
+        limit = self.config.max_waiting_requests
+        if limit is None:
+            return
+        waiting = len(self._added) + sum(1 for r in self._requests.values() if r.waiting)
+        if waiting + incoming > limit:
+            raise QueueFullError(f"the engine's queue is full: {waiting} requests are waiting to run and "
+                                 f"max_waiting_requests={limit}; {incoming} more do not fit. Retry shortly, or "
+                                 "raise max_waiting_requests")
+
+    @property
+    def num_waiting_requests(self) -> int:
+        """Requests queued and not yet running (new, or preempted back to the queue)."""
+        with self._lock:
+            return len(self._added) + sum(1 for r in self._requests.values() if r.waiting)
 
     def check_prompt(self, ids: list[int]) -> None:
         """Raise PromptTooLongError / PromptError if these token ids can never run on this engine."""
@@ -120,6 +149,10 @@ class LLMEngine:
     def get_num_unfinished_requests(self) -> int:
         with self._lock:
             return len(self._requests) + len(self._added)
+
+    def unfinished_request_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._requests) + [r.request_id for r in self._added]
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -156,6 +189,24 @@ class LLMEngine:
             for seq in req.seqs:
                 if not seq.is_finished:
                     self.schedulers[req.replica].finish(seq, SequenceStatus.FINISHED_ABORTED)
+            changed.add(rid)
+        return changed | self._expire()
+
+    def _expire(self) -> set[str]:
+        """End every request whose deadline passed (finish_reason "timeout"); its blocks are freed now."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [rid for rid, t in self._deadlines.items() if t <= now]
+            for rid in expired:
+                del self._deadlines[rid]
+        changed = set()
+        for rid in expired:
+            req = self._requests.get(rid)
+            if req is None or req.finished:
+                continue
+            for seq in req.seqs:
+                if not seq.is_finished:
+                    self.schedulers[req.replica].finish(seq, SequenceStatus.FINISHED_TIMEOUT)
             changed.add(rid)
         return changed
 
@@ -229,6 +280,7 @@ class LLMEngine:
             if req.finished:
                 with self._lock:
                     del self._requests[rid]
+                    self._deadlines.pop(rid, None)
                 for seq in req.seqs:
                     self._detok.pop(id(seq), None)
         return outs

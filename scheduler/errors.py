@@ -8,6 +8,10 @@
     └── PromptError                  (+ PromptTypeError)    prompts, token ids, chat messages
         └── PromptTooLongError                              .prompt_len, .max_len
 
+    RetryableError(RuntimeError)                    .retry_after_s: the request was fine, the moment was not
+    ├── QueueFullError               the engine's waiting queue is full (HTTP 429)
+    └── EngineDrainingError          the engine is shutting down and takes no new requests (HTTP 503)
+
 Every message names the parameter, the value and what is allowed, so a caller (or the HTTP
 layer, which maps any ValueError/TypeError with `.param` to an OpenAI-style 400) can show it
 as is. A value that is both of the wrong type and a ValueError subclass is on purpose: callers
@@ -96,6 +100,25 @@ class PromptTooLongError(PromptError):
         super().__init__(message, param, value)
         self.prompt_len = prompt_len
         self.max_len = max_len
+
+
+class RetryableError(RuntimeError):
+    """Not the caller's fault and not permanent: the same request may succeed after `retry_after_s`.
+
+    Deliberately not an InvalidRequestError (a ValueError): retrying a bad request never helps,
+    retrying this one does, and the HTTP layer answers 429/503 with a `Retry-After` header."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class QueueFullError(RetryableError):
+    """The engine's waiting queue holds `max_waiting_requests` requests already; nothing was queued."""
+
+
+class EngineDrainingError(RetryableError):
+    """The engine is draining for shutdown: it finishes what it runs and admits nothing new."""
 
 
 def reject_unknown(given: Iterable[str], valid: Iterable[str], what: str) -> None:

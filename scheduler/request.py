@@ -28,6 +28,7 @@ class SequenceStatus(enum.Enum):
     FINISHED_STOPPED = "stop"    # EOS, stop token or stop string
     FINISHED_LENGTH = "length"   # max_tokens or max_model_len
     FINISHED_ABORTED = "abort"   # abort_request
+    FINISHED_TIMEOUT = "timeout"  # SamplingParams.timeout passed before it finished
 
     @property
     def finished(self) -> bool:
@@ -117,10 +118,16 @@ class Request:
     arrival: float
     seqs: list[Sequence] = field(default_factory=list)
     replica: int = 0
+    deadline: float | None = None       # time.monotonic() after which it ends with "timeout"
 
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
+
+    @property
+    def waiting(self) -> bool:
+        """Queued, not yet running: no sequence has (or, after a preemption, still has) KV state."""
+        return all(s.status is SequenceStatus.WAITING for s in self.seqs)
 
 
 @dataclass
@@ -132,7 +139,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None
     logprobs: list[dict[int, float]] | None   # per output token: {token_id: logprob}, sampled token + top-k
-    finish_reason: str | None = None          # "stop", "length", "abort" or None while running
+    finish_reason: str | None = None          # "stop", "length", "abort", "timeout" or None while running
     stop_reason: int | str | None = None      # the stop token id or stop string that ended it
 
     def finished(self) -> bool:

@@ -6,6 +6,8 @@ Differences from vLLM worth knowing:
   (`scheduler.beam_search`) and its own `BeamSearchParams`.
 - `max_tokens=None` means "until the model's length limit", as in vLLM.
 - `cumulative_logprob` is always reported (vLLM v1 reports it only with `logprobs`).
+- `timeout` (Shardline's extension): a deadline in seconds from admission; a request still
+  unfinished then ends with finish_reason "timeout" (its tokens so far kept, its blocks freed).
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class SamplingParams:
     """HF-style multiplicative penalty over prompt and output tokens; 1 disables it; > 0."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the returned text."""
+    timeout: float | None = None
+    """Seconds from admission after which the request ends with finish_reason "timeout"; None: no deadline."""
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -96,6 +100,8 @@ class SamplingParams:
         check_number("repetition_penalty", self.repetition_penalty, "> 0", lambda v: v > 0, **_ERR)
         if self.logprobs is not None:
             check_int("logprobs", self.logprobs, lo=0, hint="None or an integer >= 0", **_ERR)
+        if self.timeout is not None:
+            check_number("timeout", self.timeout, "> 0 seconds (or None: no deadline)", lambda v: v > 0, **_ERR)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             check_bool(name, getattr(self, name), type_err=SamplingParamsTypeError)
         self._stop_list = _normalize_stop(self.stop)

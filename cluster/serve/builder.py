@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import ray
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
 from cluster.placement import default_cpu_share, worker_bundle
 from cluster.ray_connect import worker_runtime_env
 from cluster.ray_executor import REPO_ROOT
 from cluster.serve.config import DEFAULT_APP_NAME, ENGINE_DEPLOYMENT, ServeConfig
 from cluster.serve.engine_deployment import ShardlineEngine
+from cluster.serve.errors import BACKPRESSURE_RETRY_S
 from cluster.serve.metrics_hub import MetricsHub
 from cluster.serve.openai_ingress import OpenAIIngress
 
 REPLICA_CPU = 0.01     # the engine replica only schedules; its workers hold the CPUs
+INGRESS_DRAIN_MARGIN_S = 5.0
 
 
 def engine_bundles(tp: int, pp: int, cpus_per_worker: float, use_gpu: bool) -> tuple[list[dict], str]:
@@ -42,14 +45,21 @@ def build_app(config: ServeConfig, app_name: str = DEFAULT_APP_NAME) -> serve.Ap
     share = config.cpus_per_worker or _default_share(config)
     bundles, strategy = engine_bundles(config.tensor_parallel_size, config.pipeline_parallel_size, share, use_gpu)
     env = worker_runtime_env(REPO_ROOT)
+    # past both limits Serve itself answers 503 (its proxy, or a BackPressureError through the handle),
+    # with a Retry-After header
     limits = {"max_ongoing_requests": config.max_ongoing_requests,
-              "max_queued_requests": config.max_queued_requests}
+              "max_queued_requests": config.max_queued_requests,
+              "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=BACKPRESSURE_RETRY_S)}
+    # Serve waits this long for ongoing calls before it stops a replica (an engine's __del__ then aborts
+    # the rest); the ingress waits a little longer, to deliver the engines' last (e.g. "abort") chunks
+    drain = config.drain_timeout_s
     engine = ShardlineEngine.options(
         name=ENGINE_DEPLOYMENT, num_replicas=config.data_parallel_size, placement_group_bundles=bundles,
         placement_group_strategy=strategy, ray_actor_options={"num_cpus": REPLICA_CPU, "runtime_env": env},
-        **limits).bind(config, app_name, share)
+        graceful_shutdown_timeout_s=drain, **limits).bind(config, app_name, share)
     hub = MetricsHub.options(ray_actor_options={"num_cpus": 0, "runtime_env": env}).bind(config.model_name)
-    return OpenAIIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": env}, **limits).bind(
+    return OpenAIIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": env},
+                                 graceful_shutdown_timeout_s=drain + INGRESS_DRAIN_MARGIN_S, **limits).bind(
         engine, hub, config)
 
 

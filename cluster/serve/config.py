@@ -31,6 +31,13 @@ class ServeConfig:
     """Requests one ingress replica (and one engine replica) serves at once."""
     max_queued_requests: int = 64
     """Requests waiting beyond that before Serve answers 503 (bounded queue)."""
+    drain_timeout_s: float = 30.0
+    """On shutdown (SIGTERM, `shardline stop`, a replica Serve removes): seconds in-flight requests get to
+    finish while new ones are refused (503 + Retry-After); the rest end with finish_reason "abort"."""
+    max_request_bytes: int = 2 * 1024 * 1024
+    """Largest request body accepted; a larger one is answered 413 before it is parsed."""
+    max_prompt_chars: int = 256 * 1024
+    """Longest text prompt (or chat, all messages together) in characters, checked before tokenizing (400)."""
     cpus_per_worker: float | None = None
     """CPUs each worker reserves; None: the cluster's CPUs shared by every worker (at most 1)."""
     engine_kwargs: dict = field(default_factory=dict)
@@ -48,6 +55,13 @@ class ServeConfig:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
         if not isinstance(self.max_queued_requests, int) or self.max_queued_requests < 0:
             raise ValueError(f"max_queued_requests={self.max_queued_requests!r} must be an integer >= 0")
+        for name in ("max_request_bytes", "max_prompt_chars"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        drain = self.drain_timeout_s
+        if isinstance(drain, bool) or not isinstance(drain, (int, float)) or not 0 <= drain < float("inf"):
+            raise ValueError(f"drain_timeout_s={drain!r} must be a finite number of seconds >= 0 (0: abort at once)")
 
     @property
     def model_name(self) -> str:

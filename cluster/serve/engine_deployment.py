@@ -10,6 +10,12 @@ so the `RayExecutor` places its `ShardWorker`s into bundles 1.. of the group Ser
 deployment adapts, it does not decide: requests go to `AsyncLLMEngine`, whose step loop is the
 same `LLMEngine` the offline `LLM` runs. A pusher thread sends this replica's metrics snapshot to
 the application's `MetricsHub` every PUSH_PERIOD_S and receives the aborts addressed to it.
+
+Graceful shutdown, two ways in: `shardline serve` on SIGTERM asks the hub to drain, and every
+replica drains at its next push (`AsyncLLMEngine.drain`: refuse new requests with 503, give the
+running ones ServeConfig.drain_timeout_s, abort the rest); when Serve itself removes a replica
+(`shardline stop`, a scale-down) it first waits up to graceful_shutdown_timeout_s (set to the
+same drain timeout by the builder) for ongoing calls, and `__del__` aborts whatever is left.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from cluster.llm import LLM
 from cluster.ray_workers import ExistingGroup
 from cluster.serve.config import HUB_DEPLOYMENT, ServeConfig
 from scheduler.async_engine import AsyncLLMEngine
+from scheduler.errors import PromptTooLongError
 from scheduler.executor import EngineDeadError
 from scheduler.request import RequestOutput
 from scheduler.sampling_params import SamplingParams
@@ -49,6 +56,8 @@ class ShardlineEngine:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._hub = serve.get_deployment_handle(HUB_DEPLOYMENT, app_name)
         self._stop = threading.Event()
+        self._drain: threading.Thread | None = None
+        self.drained: dict | None = None
         self._pusher = threading.Thread(target=self._push_loop, name="shardline-metrics-push", daemon=True)
         self._pusher.start()
 
@@ -62,6 +71,8 @@ class ShardlineEngine:
         """
         prompt, text = self._prompt(request)
         params = request.get("params") or SamplingParams()
+        if request.get("check_length"):
+            self._check_room(prompt, params)
         async for out in self.engine.generate(prompt, params, request["request_id"], prompt_text=text):
             yield out
 
@@ -77,6 +88,23 @@ class ShardlineEngine:
             return self.llm.tokenizer.encode(text, add_special_tokens=False).ids, text
         prompt = request["prompt"]
         return prompt, None   # text, token ids or a {"prompt_token_ids", "prompt"} dict: the engine validates it
+
+    def _check_room(self, prompt, params: SamplingParams) -> None:
+        """The HTTP edge, as OpenAI's and vLLM's servers: prompt + max_tokens must fit max_model_len (the
+        Python API instead ends such an output with "length" at the limit, as vLLM's `LLM` does)."""
+        if params.max_tokens is None or not isinstance(params.max_tokens, int):
+            return
+        if isinstance(prompt, dict):
+            prompt = prompt.get("prompt_token_ids") or prompt.get("prompt")
+        try:
+            n = len(self.llm.tokenizer.encode(prompt).ids) if isinstance(prompt, str) else len(prompt)
+        except Exception:   # noqa: BLE001 - not a valid prompt: the engine names what is wrong with it
+            return
+        limit = self.llm.engine.max_model_len
+        if n < limit < n + params.max_tokens:
+            raise PromptTooLongError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = "
+                                     f"{n + params.max_tokens} exceeds max_model_len={limit}; ask for at most "
+                                     f"max_tokens={limit - n}", n, limit, param="max_tokens")
 
     def abort(self, request_id: str) -> bool:
         return self.engine.abort(request_id)
@@ -98,23 +126,38 @@ class ShardlineEngine:
     def _snapshot(self) -> dict:
         snap = self.engine.snapshot()
         snap["request_ids"] = self.engine.request_ids
+        snap["drained"] = self.drained
         return snap
 
     def _push_loop(self) -> None:
         while not self._stop.wait(PUSH_PERIOD_S):
             try:
-                aborts = self._hub.push.remote(self.replica_id, self._snapshot()).result(timeout_s=10)
+                reply = self._hub.push.remote(self.replica_id, self._snapshot()).result(timeout_s=10)
             except Exception as exc:   # noqa: BLE001 - the hub may be restarting; try again next period
                 logger.debug("metrics push failed: %s", exc)
                 continue
-            for rid in aborts:
+            for rid in reply["aborts"]:
                 self.engine.abort(rid)
+            if reply["drain_s"] is not None and self._drain is None:
+                self._drain = threading.Thread(target=self._run_drain, args=(reply["drain_s"],),
+                                               name="shardline-drain", daemon=True)
+                self._drain.start()
+
+    def _run_drain(self, timeout_s: float) -> None:
+        self.drained = self.engine.drain(timeout_s)
+        logger.info("drained: %s", self.drained)
 
     def __del__(self) -> None:
         """Serve calls this when the replica stops: stop the loop, release the workers."""
         stop = getattr(self, "_stop", None)
         if stop is not None:
             stop.set()
+        engine = getattr(self, "engine", None)
+        if engine is not None and engine.dead is None:
+            try:   # Serve already waited for ongoing calls: abort what is left so its streams end cleanly
+                engine.drain(0)
+            except Exception:   # noqa: BLE001 - shutting down regardless
+                logger.debug("final drain failed", exc_info=True)
         for name in ("engine", "llm"):
             obj = getattr(self, name, None)
             if obj is not None:

@@ -9,7 +9,8 @@ option; it exports per node on a separate port, which /metrics on the HTTP port 
 scrape and merge.
 
 The hub also carries aborts by request id: `abort(rid)` is remembered for ABORT_TTL_S and
-handed to whichever replica reports that id at its next push.
+handed to whichever replica reports that id at its next push; and the drain order of a graceful
+shutdown (`drain(timeout_s)`), which every replica receives at its next push.
 """
 
 from __future__ import annotations
@@ -90,26 +91,32 @@ class MetricsHub:
         self.model_name = model_name
         self.replicas: dict[str, tuple[float, dict]] = {}   # replica id -> (received at, snapshot)
         self.aborts: dict[str, float] = {}                   # request id -> expiry
+        self.drain_s: float | None = None                    # set once a graceful shutdown began
 
-    def push(self, replica_id: str, snapshot: dict) -> list[str]:
-        """Store a replica's snapshot; return the aborts meant for it."""
+    def push(self, replica_id: str, snapshot: dict) -> dict:
+        """Store a replica's snapshot; return {"aborts": the aborts meant for it, "drain_s": None or seconds}."""
         now = time.monotonic()
         self.replicas[replica_id] = (now, snapshot)
         self.aborts = {rid: exp for rid, exp in self.aborts.items() if exp > now}
         mine = [rid for rid in snapshot.get("request_ids", ()) if rid in self.aborts]
         for rid in mine:
             del self.aborts[rid]
-        return mine
+        return {"aborts": mine, "drain_s": self.drain_s}
 
     def abort(self, request_id: str) -> None:
         self.aborts[request_id] = time.monotonic() + ABORT_TTL_S
+
+    def drain(self, timeout_s: float) -> None:
+        """Tell every replica (at its next push) to drain: refuse new requests, finish or abort the rest."""
+        self.drain_s = float(timeout_s)
 
     def stats(self) -> dict:
         """{"model", "replicas": {id: {...counts, "alive"}}, "num_replicas_alive"}."""
         now = time.monotonic()
         replicas = {}
         for rid, (at, snap) in self.replicas.items():
-            replicas[rid] = {k: v for k, v in snap.items() if not isinstance(v, dict) or k == "request_success"}
+            replicas[rid] = {k: v for k, v in snap.items()
+                             if not isinstance(v, dict) or k in ("request_success", "drained")}
             replicas[rid]["alive"] = now - at < STALE_S and snap.get("dead") is None
             replicas[rid]["num_running_ids"] = len(replicas[rid].pop("request_ids", []))
         return {"model": self.model_name, "replicas": replicas,

@@ -6,10 +6,12 @@
     POST /v1/completions       text or token-id prompts (one or many); SSE with "stream": true
     POST /v1/chat/completions  the model's chat template; SSE with "stream": true
 
-Every /v1 request is checked in this order: API key (401), body (400 naming the field), model
-(404); engine errors go through `errors.ERROR_TABLE`. Streams are primed before the 200 is sent,
-so a request the engine rejects gets its 400, not a broken stream. When the client goes away,
-Serve cancels this handler; the `finally` cancels the engine call, which aborts the request.
+Every /v1 request is checked in this order: API key (401), body size (413), body (400 naming the
+field), model (404), text size (400); engine errors go through `errors.ERROR_TABLE` (a full
+engine queue 429, a draining engine or Serve's own back-pressure 503, both with Retry-After).
+Streams are primed before the 200 is sent, so a request the engine rejects gets its 400, not a
+broken stream. When the client goes away, Serve cancels this handler; the `finally` cancels the
+engine call, which aborts the request.
 """
 
 # no `from __future__ import annotations`: FastAPI must see real types (`Request`) in the
@@ -30,8 +32,15 @@ from ray.serve.handle import DeploymentHandle
 from tokenizers import Tokenizer
 
 from cluster.serve.config import INGRESS_DEPLOYMENT, ServeConfig
-from cluster.serve.errors import AuthenticationError, ModelNotFoundError, error_response
+from cluster.serve.errors import (
+    AuthenticationError,
+    ModelNotFoundError,
+    RequestTooLargeError,
+    error_response,
+    retry_after,
+)
 from cluster.serve.protocol import ChatCompletionRequest, CompletionRequest, _InvalidParam
+from scheduler.errors import PromptTooLongError
 from scheduler.executor import EngineDeadError
 from scheduler.request import RequestOutput
 from scheduler.streaming import merge_deltas
@@ -171,7 +180,8 @@ def _error(exc: BaseException, status: int | None = None) -> JSONResponse:
     code, body = error_response(exc)
     if status is not None:
         code = body["error"]["code"] = status
-    return JSONResponse(body, status_code=code)
+    wait = retry_after(exc)
+    return JSONResponse(body, status_code=code, headers=None if wait is None else {"Retry-After": str(wait)})
 
 
 # The deployment class comes last: Serve serializes it when it is decorated, so every module-level
@@ -240,10 +250,11 @@ class OpenAIIngress:
 
     async def _parse(self, request: Request, model):
         self._authorize(request)
+        raw = await self._read_body(request)
         try:
-            data = await request.json()
-        except ValueError as exc:
-            raise _InvalidParam(f"the request body is not JSON: {exc}", None) from exc
+            data = json.loads(raw)
+        except ValueError as exc:   # also bytes that are not UTF-8
+            raise _InvalidParam(f"the request body is not JSON: {exc}", None) from None
         try:
             body = model.model_validate(data)
         except ValidationError as exc:
@@ -253,7 +264,35 @@ class OpenAIIngress:
         if body.model != self.model_name:
             raise ModelNotFoundError(f"the model {body.model!r} does not exist; this server serves "
                                      f"{self.model_name!r} (GET /v1/models)")
+        self._check_text_size(body)
         return body
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused (413) past max_request_bytes: by its Content-Length first, else while reading."""
+        limit = self.config.max_request_bytes
+        too_large = RequestTooLargeError(f"the request body is larger than this server's limit of {limit} bytes "
+                                         "(max_request_bytes); send fewer or shorter prompts")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise too_large
+        return bytes(raw)
+
+    def _check_text_size(self, body) -> None:
+        """Text is tokenized before its token count can be checked: bound its length first."""
+        limit = self.config.max_prompt_chars
+        if isinstance(body, ChatCompletionRequest):
+            sizes = [("messages", sum(len(m.content) for m in body.messages))]
+        else:
+            sizes = [("prompt", len(p)) for p in body.prompts() if isinstance(p, str)]
+        for param, size in sizes:
+            if size > limit:
+                raise PromptTooLongError(f"{param} has {size} characters; this server accepts at most "
+                                         f"max_prompt_chars={limit} per prompt", size, limit, param=param)
 
     def _authorize(self, request: Request) -> None:
         key = self.config.api_key
@@ -267,6 +306,7 @@ class OpenAIIngress:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         for i, call in enumerate(calls):
             call["request_id"] = f"{rid}-{i}"
+            call["check_length"] = True   # prompt + max_tokens must fit (a 400 otherwise, as OpenAI's API)
         streams = [self.engine.options(stream=True).generate.remote(call) for call in calls]
         try:
             firsts = [await s.__anext__() for s in streams]   # raise a rejection here, before the 200

@@ -3,6 +3,7 @@
 Field names are OpenAI's, plus vLLM's extra sampling fields (top_k, min_p, min_tokens,
 repetition_penalty, ignore_eos, stop_token_ids, skip_special_tokens, include_stop_str_in_output).
 A field nobody implements is not declared, so sending it is a 400 naming it (`extra="forbid"`).
+Shardline's own extension: `timeout` (seconds; the request ends with finish_reason "timeout").
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class _Sampling(_Strict):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Shardline's extension
+    timeout: float | None = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Raises SamplingParamsError (a ValueError naming the field) for out-of-range values."""
@@ -52,7 +55,8 @@ class _Sampling(_Strict):
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty, skip_special_tokens=self.skip_special_tokens)
+            repetition_penalty=self.repetition_penalty, skip_special_tokens=self.skip_special_tokens,
+            timeout=self.timeout)
 
     @property
     def include_usage(self) -> bool:

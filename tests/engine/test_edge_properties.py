@@ -56,6 +56,7 @@ FIELDS = {
     "frequency_penalty": st.one_of(FLOATS, JUNK),
     "repetition_penalty": st.one_of(FLOATS, st.floats(0.1, 3), JUNK),
     "skip_special_tokens": st.one_of(st.booleans(), JUNK),
+    "timeout": st.one_of(st.none(), FLOATS, st.floats(1, 1e6), JUNK),
 }
 UNKNOWN_KEYS = st.sampled_from(["temprature", "max_token", "best_of", "beam_width", ""])
 
@@ -68,6 +69,7 @@ VALID_FIELDS = {
     "logprobs": st.one_of(st.none(), st.integers(0, 5)), "presence_penalty": st.floats(-2, 2),
     "frequency_penalty": st.floats(-2, 2), "repetition_penalty": st.floats(0.1, 3),
     "skip_special_tokens": st.booleans(), "include_stop_str_in_output": st.booleans(),
+    "timeout": st.one_of(st.none(), st.floats(60, 1e6)),
 }
 VALID_PARAMS = st.fixed_dictionaries({}, optional=VALID_FIELDS)
 ANY_PARAMS = st.fixed_dictionaries({}, optional=FIELDS | {"_unknown": UNKNOWN_KEYS}).map(

@@ -141,6 +141,9 @@ CASES = [
      "2147483647"),
     ("min_tokens_over_max", lambda m: m.generate(GOOD, sp(min_tokens=5)), SamplingParamsError, "min_tokens",
      "max_tokens=2"),
+    ("timeout_zero", lambda m: m.generate(GOOD, sp(timeout=0)), SamplingParamsError, "timeout", "> 0 seconds"),
+    ("timeout_str", lambda m: m.generate(GOOD, sp(timeout="5s")), SamplingParamsTypeError, "timeout",
+     "must be a number"),
     # -- chat
     ("chat_missing_role", lambda m: m.chat([{"content": "hi"}]), PromptError, "messages", "messages[0] needs a 'role'"),
     ("chat_content_int", lambda m: m.chat([{"role": "user", "content": 5}]), PromptTypeError, "messages",
@@ -242,6 +245,9 @@ LLM_CASES = [
     ("use_gpu_str", {"use_gpu": "no"}, ConfigTypeError, "use_gpu", "True or False"),
     ("max_logprobs_negative", {"max_logprobs": -1}, ConfigError, "max_logprobs", ">= 0"),
     ("address_int", {"address": 6379}, ConfigTypeError, "address", "must be a str"),
+    ("max_waiting_requests_zero", {"max_waiting_requests": 0}, ConfigError, "max_waiting_requests", ">= 1"),
+    ("max_waiting_requests_float", {"max_waiting_requests": 8.0}, ConfigTypeError, "max_waiting_requests",
+     "not float"),
 ]
 
 

@@ -4,7 +4,8 @@ The command returns; the application outlives it; `connect()` from a fresh drive
 `ray job submit` job (examples/serve_client.py) generate greedy tokens equal to `transformers`
 (a D=1 engine, the same tokens the D=2 server in test_openai_server.py gives); the Ray Data batch
 job with `--deployment` writes every row, equal to offline `LLM.generate`; `shardline stop`
-leaves no Shardline actor or placement group behind.
+leaves no Shardline actor, placement group or process behind, also after SHARDLINE_LEAK_SERVE_CYCLES
+detach/stop cycles in all (`make leaks`: 5), and the Ray daemons' RSS and fds do not grow.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 
+import psutil
 import pytest
 
 from sharding.dist import free_port
@@ -43,6 +45,7 @@ def ray_head():
          "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--block"],
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
+    HEAD_PIDS[url] = head.pid
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -120,9 +123,59 @@ def test_detached_app_outlives_the_command_and_serves_drivers_and_jobs(ray_head,
     got = {r["id"]: r for r in output_rows(out_dir)}
     assert sorted(got) == [r["id"] for r in rows]
     assert [got[r["id"]]["text"] for r in rows] == offline_texts(tiny_llama_dir, BATCH_PROMPTS, 6)
-    # stop: every Shardline actor and placement group is gone
+    # stop: every Shardline actor, placement group and process is gone
     assert "stopped det" in _run([sys.executable, "-m", "cluster.cli", "stop", "det"], env)
-    left = json.loads(_run([sys.executable, "-c", LEFTOVERS], env).strip().splitlines()[-1])
-    assert not [a for a in left["actors"] if any(c in a for c in SHARDLINE_CLASSES)], left
-    assert left["groups"] == [], left
+    marks = [_assert_clean(url, env, "the first cycle")]
     print(f"detached round trip in {time.monotonic() - t0:.0f} s")
+    # issue 12 test 12: more serve --detach / stop cycles (`make leaks`: 5 in all) leak nothing either
+    for cycle in range(1, SERVE_CYCLES):
+        _detach_stop_cycle(env, tiny_llama_dir)
+        marks.append(_assert_clean(url, env, f"cycle {cycle}"))
+    print(f"{SERVE_CYCLES} detach/stop cycles: Ray daemons (RSS bytes, fds) first {marks[0]} last {marks[-1]}")
+    for name, (rss, fds) in marks[-1].items():
+        rss0, fds0 = marks[0][name]
+        assert fds - fds0 <= 16 and rss - rss0 <= 64 * 2**20, (name, marks)
+
+
+SERVE_CYCLES = int(os.environ.get("SHARDLINE_LEAK_SERVE_CYCLES", "1"))
+SHARDLINE_PROCS = ("ray::ShardWorker", "ShardlineEngine", "OpenAIIngress", "MetricsHub")
+HEAD_PIDS: dict[str, int] = {}   # dashboard url -> pid of `ray start --block` (every session process descends)
+
+
+def _session(head_pid: int) -> dict:
+    """Processes under the `ray start` head: the Shardline ones, and the Ray daemons' (RSS, open fds)."""
+    ours, daemons = [], {}
+    for p in psutil.Process(head_pid).children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+            if any(name in cmd for name in SHARDLINE_PROCS):
+                ours.append(cmd[:120])
+            elif any(d in cmd for d in ("gcs_server", "raylet")):
+                daemons[cmd.split()[0].rsplit("/", 1)[-1]] = (p.memory_info().rss, p.num_fds())
+        except psutil.Error:   # exited meanwhile
+            pass
+    return {"ours": ours, "daemons": daemons}
+
+
+def _detach_stop_cycle(env: dict, model) -> None:
+    port = free_port("127.0.0.1")
+    _run([sys.executable, "-m", "cluster.cli", "serve", str(model), "--detach", "--name", "cyc", "--port", str(port)],
+         env)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as r:
+        assert r.status == 200
+    assert "stopped cyc" in _run([sys.executable, "-m", "cluster.cli", "stop", "cyc"], env)
+
+
+def _assert_clean(url: str, env: dict, what: str) -> dict:
+    """No Shardline actor, placement group or process is left (within 30 s); -> the Ray daemons' (RSS, fds)."""
+    deadline = time.monotonic() + 30
+    while True:
+        left = json.loads(_run([sys.executable, "-c", LEFTOVERS], env).strip().splitlines()[-1])
+        session = _session(HEAD_PIDS[url])
+        clean = (not [a for a in left["actors"] if any(c in a for c in SHARDLINE_CLASSES)]
+                 and left["groups"] == [] and session["ours"] == [])
+        if clean or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert clean, f"{what} left {left} {session['ours']}"
+    return session["daemons"]

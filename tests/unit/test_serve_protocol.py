@@ -6,10 +6,19 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from cluster.serve.errors import AuthenticationError, ModelNotFoundError, error_response
+from cluster.serve.config import ServeConfig
+from cluster.serve.errors import (
+    AuthenticationError,
+    ModelNotFoundError,
+    RequestTooLargeError,
+    error_response,
+    public_message,
+    retry_after,
+)
 from cluster.serve.metrics_hub import _Collector
 from cluster.serve.protocol import ChatCompletionRequest, CompletionRequest
 from scheduler.engine import PromptTooLongError
+from scheduler.errors import EngineDrainingError, QueueFullError
 from scheduler.executor import EngineDeadError
 from scheduler.metrics import EngineMetrics
 from scheduler.request import CompletionOutput, RequestOutput
@@ -42,12 +51,72 @@ def test_request_fields_become_sampling_params():
     (ModelNotFoundError("the model 'x' does not exist"), 404, "model"),
     (AuthenticationError("missing key"), 401, None),
     (EngineDeadError("rank 1 died"), 503, None),
-    (RuntimeError("boom"), 500, None),
+    (QueueFullError("the engine's queue is full"), 429, None),
+    (EngineDrainingError("the engine is shutting down"), 503, None),
+    (RequestTooLargeError("the request body is larger than 100 bytes"), 413, None),
 ])
 def test_one_table_maps_errors_to_openai_bodies(exc, status, param):
     code, body = error_response(exc)
     assert code == status == body["error"]["code"]
     assert body["error"]["param"] == param and body["error"]["message"] == str(exc)
+
+
+def test_retryable_errors_carry_retry_after_and_others_do_not():
+    from ray.serve.exceptions import BackPressureError
+
+    assert retry_after(QueueFullError("full", retry_after_s=0.2)) == 1      # whole seconds, at least 1
+    assert retry_after(EngineDrainingError("draining", retry_after_s=5)) == 5
+    assert retry_after(BackPressureError(num_queued_requests=3, max_queued_requests=2)) == 1
+    assert error_response(BackPressureError(num_queued_requests=3, max_queued_requests=2))[0] == 503
+    for exc in (ValueError("x"), EngineDeadError("dead"), RuntimeError("boom")):
+        assert retry_after(exc) is None
+    assert not isinstance(QueueFullError("x"), ValueError)   # retryable: never mapped to a 400
+
+
+def test_no_traceback_or_server_path_reaches_an_error_body(tmp_path):
+    """An unexpected error (a bug) is named by type only; a 5xx message loses tracebacks and paths."""
+    where = tmp_path / "secret_dir" / "engine.py"
+    tb = f'Traceback (most recent call last):\n  File "{where}", line 3, in step\nKeyError: 7'
+    code, body = error_response(RuntimeError(f"step failed at {where}\n{tb}"))
+    msg = body["error"]["message"]
+    assert code == 500 and "RuntimeError" in msg
+    assert str(tmp_path) not in msg and "Traceback" not in msg and "engine.py" not in msg
+    code, body = error_response(EngineDeadError(f"rank 1 (pid 7) died loading {where}\n{tb}"))
+    msg = body["error"]["message"]
+    assert code == 503 and msg.startswith("rank 1 (pid 7) died loading") and str(tmp_path) not in msg
+    assert "<path>" in msg and "Traceback" not in msg
+    # URL paths and ordinary text are left alone
+    assert public_message("see /v1/models and 3/4 of it") == "see /v1/models and 3/4 of it"
+
+
+@pytest.mark.parametrize("field, bad", [("drain_timeout_s", -1), ("drain_timeout_s", float("inf")),
+                                        ("drain_timeout_s", True), ("max_request_bytes", 0),
+                                        ("max_prompt_chars", "10")])
+def test_serve_config_rejects_bad_limits(tiny_llama_dir, field, bad):
+    with pytest.raises(ValueError, match=field):
+        ServeConfig(model=str(tiny_llama_dir), **{field: bad})
+
+
+def test_timeout_is_a_request_field_checked_like_the_others():
+    body = CompletionRequest.model_validate({"model": "m", "prompt": "x", "timeout": 2.5})
+    assert body.sampling_params(body.max_tokens, None).timeout == 2.5
+    bad = CompletionRequest.model_validate({"model": "m", "prompt": "x", "timeout": -1})
+    with pytest.raises(SamplingParamsError, match="timeout=-1"):
+        bad.sampling_params(bad.max_tokens, None)
+    with pytest.raises(ValidationError, match="timeout"):
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "timeout": "soon"})
+
+
+def test_server_binds_to_loopback_by_default():
+    import argparse
+
+    from cluster.serve_cli import add_serve
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_serve(sub)
+    args = sub.choices["serve"].parse_args([])
+    assert args.host == "127.0.0.1"
+    assert (args.drain_timeout, args.max_waiting_requests) == (30.0, 128)
 
 
 def test_an_error_with_param_names_it():
