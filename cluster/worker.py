@@ -99,8 +99,9 @@ class ShardWorker:
         if kind == "stop":
             os.kill(os.getpid(), signal.SIGSTOP)
             return
-        import sharding.runner
         import torch.distributed as dist
+
+        import sharding.runner
 
         def recv_then_die(shape, dtype, groups):
             dist.irecv(torch.empty(shape, dtype=dtype, device=groups.device), src=groups.prev_stage_rank)
