@@ -122,6 +122,7 @@ class RayExecutor:
         self.name_prefix = f"shardline-{uuid.uuid4().hex[:8]}"
         self._dead: str | None = None
         self.restarts = 0                                                # replica rebuilds so far
+        self.start_phases_s: dict[str, float] = {}                       # of the last (re)start, for logs
         self._closed = False
         try:
             self._start(address)
@@ -153,6 +154,7 @@ class RayExecutor:
                     self.num_kv_blocks)
 
     def _start_replicas(self, replicas: list[int]) -> list[dict]:
+        t = [time.monotonic()]
         # 4. placement groups, bounded wait (unless the workers go into an existing group);
         #    layer_split="auto" is then sized for the nodes the groups landed on
         if self.placement is None:
@@ -160,12 +162,16 @@ class RayExecutor:
             self.groups.update(reserve_placement_groups(self.layout, replicas, self.name_prefix, timeout))
         self.config = resolve_layer_split(self.config, self.groups)
         self.plan = plan_for(self.config)
+        t.append(time.monotonic())
         # 5. one actor per rank, pinned to its bundle
         self._spawn_workers(replicas)
         # 6 + 7. rendezvous on an ephemeral port; each rank loads only its shard
         infos = self._rendezvous_and_load(replicas)
+        t.append(time.monotonic())
         # 8. warm-up: one tiny step through each pipeline
         self._warm_up(replicas)
+        t.append(time.monotonic())
+        self.start_phases_s = {"placement": t[1] - t[0], "actors+load": t[2] - t[1], "warm-up": t[3] - t[2]}
         return infos
 
     def _connect(self, address: str | None) -> None:
@@ -368,8 +374,9 @@ class RayExecutor:
         for r in replicas:
             self.restarts += 1
             recoveries.append(ReplicaRecovery(r, failures[r].cause, failures[r].detected_at, done, self.restarts))
-            logger.warning("replica %d rebuilt: detected -> serving again in %.2f s (restart %d of %d)",
-                           r, done - failures[r].detected_at, self.restarts, budget)
+            logger.warning("replica %d rebuilt: detected -> serving again in %.2f s (restart %d of %d; %s)",
+                           r, done - failures[r].detected_at, self.restarts, budget,
+                           ", ".join(f"{k} {v:.2f} s" for k, v in self.start_phases_s.items()))
         return recoveries
 
     def _release_replicas(self, replicas: list[int]) -> None:
