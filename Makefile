@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv model demo test bench lint
+.PHONY: venv model demo test bench soak lint
 
 venv: $(STAMP)
 
@@ -34,6 +34,10 @@ test: venv model
 
 bench: venv model
 	$(PY) benchmarks/run_all.py
+
+# reliability soak (not part of `make test`): HTTP load for 10 min, a worker killed every 2 min
+soak: venv model
+	$(PY) benchmarks/soak.py
 
 lint: venv
 	$(VENV)/bin/ruff check .
