@@ -21,9 +21,18 @@ at once, so up to P micro-batches are in the pipeline together; Ray runs each ac
 submission order, so every rank sees the micro-batches in the same order and the stages' send
 and recv pairs match. The sampling rank (last stage, TP rank 0) returns the `StepOutput`; the
 other ranks' results are awaited too so that an error anywhere surfaces. Waiting is a
-`ray.wait` loop with a deadline: a dead actor or a raised exception becomes `EngineDeadError`
-naming the rank, node and cause, and the replica's other workers (possibly blocked in a gloo
-recv from the dead one) are killed so nothing hangs.
+`ray.wait` loop with a deadline (`step_timeout_s`), replica by replica: a dead actor, a raised
+exception or a rank still busy at the deadline (hung, SIGSTOPped) fails that replica, named by
+rank, node, pid and cause, and its other workers (possibly blocked in a gloo recv from the dead
+one) are killed at once so nothing hangs; the other replicas' results are still collected.
+
+Recovery: a failed replica is torn down (actors killed, its own placement groups removed - an
+ExistingGroup stays and its bundles are reused) and rebuilt by steps 4-8 (placement waits up to
+`placement_timeout_s` for capacity to come back), then `execute` raises
+`ReplicasRestartedError` with the healthy replicas' outputs and the engine recomputes the rebuilt
+replica's sequences. At most `max_restarts` rebuilds over the executor's life; past it, or if a
+rebuild fails, `EngineDeadError` with both causes and the executor is dead. Each failure and
+rebuild is logged (rank, cause, time to rebuild and its phases).
 
 Options (`EngineConfig` fields, so `LLM(...)` keywords; all optional):
     cpus_per_worker     CPUs each worker reserves (default: min(1, free CPUs / workers))
@@ -32,7 +41,8 @@ Options (`EngineConfig` fields, so `LLM(...)` keywords; all optional):
     resource_wait_s     how long a resource shortfall is re-checked before it is an error (default 5)
     placement_timeout_s deadline to reserve the placement groups (default 60)
     startup_timeout_s   deadline for rendezvous + loading + warm-up (default collective_timeout_s + 300)
-    step_timeout_s      deadline for one `execute` call (default collective_timeout_s)
+    step_timeout_s      deadline for one `execute` call (default collective_timeout_s, 30 s)
+    max_restarts        replica rebuilds allowed over the engine's life (default 3; 0: fail-stop)
 
 Clusters: run the driver with `ray job submit --working-dir . --runtime-env-json
 '{"excludes": [".venv"]}' -- python ...` so every node imports `cluster`, `sharding` and

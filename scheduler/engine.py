@@ -12,6 +12,12 @@ Data parallelism: one `Scheduler` per replica; a new request goes to the replica
 fewest unfinished sequences, then the most free KV blocks. All n sequences of a request stay
 on one replica.
 
+Recovery: when the executor reports replicas rebuilt (`ReplicasRestartedError`: a rank died,
+raised or missed its deadline), the other replicas' results of that step are applied as usual
+and the rebuilt replicas' sequences go back to the front of their queue to be recomputed from
+prompt + the tokens they already produced (kept, so a stream continues with no token repeated);
+their prefix cache is forgotten with the old ranks. `recoveries` lists them.
+
 n > 1 shares the prompt through the prefix cache: sibling 0 is admitted first, the others wait
 until its prompt is computed and then reuse its full prompt blocks (each recomputes only the
 partial last block, and samples from its own logits with seed + index). Without prefix caching
