@@ -34,7 +34,8 @@ EXTRA = {"ignore_eos": True}               # the random model emits EOS early; c
 def server(tiny_llama_dir):
     args = [str(tiny_llama_dir), "--served-model-name", MODEL,
             "--pipeline-parallel-size", "2", "--data-parallel-size", "2", "--name", "t",
-            "--api-key", API_KEY, "--max-ongoing-requests", "40", "--max-queued-requests", "40"]
+            "--api-key", API_KEY, "--max-ongoing-requests", "40", "--max-queued-requests", "40",
+            "--max-restarts", "0"]   # fail-stop: the last test kills a worker to see a dead engine
     with shardline_serve(args) as srv:
         yield srv
     # SIGTERM: the command deleted its application and stopped its Ray, and exited 0
@@ -298,3 +299,4 @@ def test_health_is_503_when_an_engine_dies(server, client):
     r = _wait_for(lambda: (r := httpx.get(f"{server.url}/health", timeout=30)).status_code == 503 and r,
                   "/health to report the dead engine", timeout=20)
     assert "died" in r.json()["error"]["message"]
+    assert "restart budget is used up (max_restarts=0" in r.json()["error"]["message"]
