@@ -166,9 +166,9 @@ async def reference_run(url: str, model: str, reqs: list[Request], concurrency: 
     return [r["text"] for r in res]
 
 
-async def soak_run(url: str, model: str, reqs: list[Request], expected: list[str], args, clock: Clock) -> list[dict]:
+async def soak_run(url: str, model: str, reqs: list[Request], expected: list[str], args, clock: Clock,
+                   end: float) -> list[dict]:
     import httpx
-    end = time.monotonic() + args.minutes * 60
     results: list[dict] = []
     counter = iter(range(10**9))
     async with httpx.AsyncClient(timeout=None) as client:
@@ -190,13 +190,13 @@ async def soak_run(url: str, model: str, reqs: list[Request], expected: list[str
 # ------------------------------------------------------------------------------------- the killer
 
 
-def killer(address: str, args, stop: threading.Event, kills: list[dict]) -> None:
-    """Every --kill-every seconds, ray.kill one ShardWorker (rank k mod world size)."""
+def killer(address: str, args, stop: threading.Event, kills: list[dict], end: float) -> None:
+    """Every --kill-every seconds until the soak's end, ray.kill one ShardWorker (rank k mod world size)."""
     import ray
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     try:
         k = 0
-        while not stop.wait(args.kill_every):
+        while not stop.wait(args.kill_every) and time.monotonic() < end:
             named = sorted((a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
                            if re.search(r"^shardline-.*-rank\d+$", a["name"]))
             if not named:
@@ -246,10 +246,11 @@ def main(argv=None) -> dict:
         expected = asyncio.run(reference_run(url, name, reqs, args.concurrency, args.request_timeout))
         print(f"reference run: {len(expected)} requests in {time.monotonic() - t0:.1f} s", flush=True)
         clock = Clock()
-        thread = threading.Thread(target=killer, args=(address, args, stop, kills), daemon=True)
-        thread.start()
         t0 = time.monotonic()
-        results = asyncio.run(soak_run(url, name, reqs, expected, args, clock))
+        end = t0 + args.minutes * 60
+        thread = threading.Thread(target=killer, args=(address, args, stop, kills, end), daemon=True)
+        thread.start()
+        results = asyncio.run(soak_run(url, name, reqs, expected, args, clock, end))
         elapsed = time.monotonic() - t0
         stop.set()
         thread.join(timeout=30)

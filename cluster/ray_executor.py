@@ -361,31 +361,38 @@ class RayExecutor:
     # ------------------------------------------------------------------ recovery
 
     def _recover(self, failures: dict[int, Failure]) -> list[ReplicaRecovery]:
-        """Rebuild the failed replicas (new placement groups, actors, process groups, weights), within
-        the restart budget; past it, or if the rebuild fails, the executor is dead."""
+        """Rebuild the failed replicas (new placement groups, actors, process groups, weights). Every
+        attempt uses one restart per replica, so a rank that fails during its own rebuild is tried
+        again while the budget lasts; past `max_restarts`, or when the budget runs out on a failed
+        rebuild, the executor is dead."""
         budget = self.config.max_restarts
         first = next(iter(failures.values()))
-        if self.restarts + len(failures) > budget:
-            self._die(f"{first.cause}; not rebuilt: the restart budget is used up (max_restarts={budget}, "
-                      f"{self.restarts} used)", first.exc)
         replicas = sorted(failures)
-        self._release_replicas(replicas)
-        try:
-            infos = self._start_replicas(replicas)
-        except BaseException as e:   # noqa: BLE001 - a failed rebuild is a dead engine, with both causes
+        while True:
+            if self.restarts + len(replicas) > budget:
+                self._die(f"{first.cause}; not rebuilt: the restart budget is used up (max_restarts={budget}, "
+                          f"{self.restarts} used)", first.exc)
+            self.restarts += len(replicas)
             self._release_replicas(replicas)
-            self._die(f"{first.cause}; the rebuild of replica(s) {replicas} failed: {e}", e)
+            try:
+                infos = self._start_replicas(replicas)
+                break
+            except BaseException as e:   # noqa: BLE001 - a failed rebuild is retried, or ends the engine
+                self._dead = None        # a failed start-up wait marks the executor dead; the budget decides
+                self._release_replicas(replicas)
+                if self.restarts + len(replicas) > budget:
+                    self._die(f"{first.cause}; the rebuild of replica(s) {replicas} failed: {e}", e)
+                logger.error("the rebuild of replica(s) %s failed (%s); trying again", replicas, e)
         blocks = min(info["num_kv_blocks"] for info in infos)
         if blocks < self.num_kv_blocks:
             self._die(f"{first.cause}; the rebuilt replica(s) {replicas} hold {blocks} KV blocks, fewer than the "
                       f"{self.num_kv_blocks} the scheduler plans with", None)
         done = time.monotonic()
-        recoveries = []
-        for r in replicas:
-            self.restarts += 1
-            recoveries.append(ReplicaRecovery(r, failures[r].cause, failures[r].detected_at, done, self.restarts))
-            logger.warning("replica %d rebuilt: detected -> serving again in %.2f s (restart %d of %d; %s)",
-                           r, done - failures[r].detected_at, self.restarts, budget,
+        recoveries = [ReplicaRecovery(r, failures[r].cause, failures[r].detected_at, done, self.restarts)
+                      for r in replicas]
+        for rec in recoveries:
+            logger.warning("replica %d rebuilt: detected -> serving again in %.2f s (%d of max_restarts=%d used; %s)",
+                           rec.replica, rec.recovery_s, self.restarts, budget,
                            ", ".join(f"{k} {v:.2f} s" for k, v in self.start_phases_s.items()))
         return recoveries
 
