@@ -12,6 +12,7 @@ import pytest
 
 from scheduler.config import EngineConfig
 from scheduler.engine import LLMEngine
+from scheduler.errors import ConfigError, ConfigTypeError
 from scheduler.executor import ReplicaRecovery, ReplicasRestartedError
 from scheduler.request import RequestOutput
 from scheduler.sampling_params import SamplingParams
@@ -111,3 +112,11 @@ def test_recovery_with_prefix_cache_and_n_siblings():
     for rid in expected:
         assert [c.token_ids for c in outs[rid].outputs] == [c.token_ids for c in expected[rid].outputs]
     assert len(eng.recoveries) == 1
+
+
+@pytest.mark.parametrize("value,error", [(-1, ConfigError), (1001, ConfigError), ("3", ConfigTypeError),
+                                         (2.0, ConfigTypeError), (True, ConfigTypeError)])
+def test_max_restarts_is_validated_with_a_message_naming_it(value, error):
+    with pytest.raises(error, match=r"max_restarts=.* (is out of range|must be an integer).*\[0, 1000\]"):
+        EngineConfig(model="toy", max_restarts=value)
+    assert EngineConfig(model="toy", max_restarts=0).max_restarts == 0
