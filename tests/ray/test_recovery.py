@@ -199,8 +199,9 @@ def test_6_forward_raising_on_one_rank_names_it_and_does_not_deadlock(llm, expec
 def test_5_sigstopped_rank_misses_the_step_deadline_and_is_rebuilt(llm, expected):
     victim = worker(llm, pp=0, tp=0)
     result = drive(llm, fault_after_step=5, fault=lambda: inject(victim, "stop"))
-    rec = check_recovered(llm, expected, result, victim, "before its deadline", STEP_TIMEOUT_S + 5.0)
-    assert rec.recovered_at - result[2] < STEP_TIMEOUT_S + 5.0 + 30.0   # bounded; the figure is printed
+    # detection is bounded by the deadline (asserted); the rebuild is a cold start of the replica,
+    # whose time is printed, not asserted (no timed assertions on a shared machine)
+    check_recovered(llm, expected, result, victim, "before its deadline", STEP_TIMEOUT_S + 5.0)
 
 
 def test_past_the_restart_budget_a_stopped_rank_is_a_clear_engine_dead_error(llm):
