@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv model demo test bench lint leaks
+.PHONY: venv model demo test bench soak leaks lint
 
 venv: $(STAMP)
 
@@ -43,6 +43,10 @@ leaks: venv model
 BENCH_ARGS ?=
 bench: venv model
 	$(VENV)/bin/shardline bench $(BENCH_ARGS)
+
+# reliability soak (not part of `make test`): HTTP load for 10 min, a worker killed every 2 min
+soak: venv model
+	$(PY) benchmarks/soak.py
 
 lint: venv
 	$(VENV)/bin/ruff check .

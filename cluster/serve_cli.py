@@ -77,6 +77,9 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
                    help="CPUs each worker reserves (default: the cluster's CPUs shared by all workers, at most 1)")
     p.add_argument("--quantization", default=None, metavar="M",
                    help="int8, int4[-g32|-g64|-g128] or w8a8: each rank quantizes its own slices (README: Precision)")
+    p.add_argument("--max-restarts", type=int, default=3, metavar="N",
+                   help="rebuilds of an engine replica's workers after one died or hung, requests recomputed "
+                   "(default 3; 0: fail-stop, Serve then replaces the replica)")
     p.add_argument("--skip-preflight", action="store_true",
                    help="on a multi-node cluster, do not check every node first (`shardline preflight`)")
     p.set_defaults(func=run_serve)
@@ -90,7 +93,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError("--detach needs a running cluster to leave the application on: `ray start --head`, "
                          "then set RAY_ADDRESS or pass --address")
     engine_kwargs = {"max_num_seqs": args.max_num_seqs, "dtype": args.dtype,
-                     "max_waiting_requests": args.max_waiting_requests}
+                     "max_waiting_requests": args.max_waiting_requests, "max_restarts": args.max_restarts}
     if args.quantization is not None:
         engine_kwargs["quantization"] = args.quantization
     if args.max_model_len is not None:

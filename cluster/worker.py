@@ -16,6 +16,7 @@ device) takes it with NCCL.
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import ray
@@ -35,6 +36,8 @@ class ShardWorker:
         self.pid = os.getpid()
         self.groups = None   # sharding.dist.ParallelGroups, after init
         self.runner = None   # sharding.runner.ModelRunner, after init
+        self.num_steps = 0
+        self.fault: tuple[str, int] | None = None   # test hook, see inject_fault
 
     def where(self) -> dict:
         """Where this rank runs (for placement checks and error messages)."""
@@ -69,7 +72,42 @@ class ShardWorker:
 
     def execute(self, step_bytes: bytes) -> bytes | None:
         """Run one micro-batch (msgpack `StepInput`); the `StepOutput` bytes on the sampling rank, else None."""
+        self.num_steps += 1
+        if self.fault is not None and self.num_steps >= self.fault[1]:
+            self._fire_fault(self.fault[0])
         return self.runner.execute_bytes(step_bytes)
+
+    # -- deterministic fault injection (tests and benchmarks/soak.py only) --------------------
+
+    FAULTS = ("raise", "exit", "stop", "exit_in_recv")
+
+    def inject_fault(self, kind: str, after_steps: int) -> None:
+        """Fail this rank at its `after_steps`-th `execute` call from now: "raise" (the forward raises),
+        "exit" (the process dies), "stop" (SIGSTOP: the rank hangs), "exit_in_recv" (dies after
+        posting its pipeline recv). One shot: a rebuilt rank is a new process without it."""
+        if kind not in self.FAULTS or after_steps < 1:
+            raise ValueError(f"inject_fault(kind={kind!r}, after_steps={after_steps!r}): kind must be one of "
+                             f"{self.FAULTS} and after_steps >= 1")
+        self.fault = (kind, self.num_steps + after_steps)
+
+    def _fire_fault(self, kind: str) -> None:
+        self.fault = None
+        if kind == "raise":
+            raise RuntimeError(f"injected fault: the forward failed at step {self.num_steps}")
+        if kind == "exit":
+            os._exit(1)
+        if kind == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return
+        import torch.distributed as dist
+
+        import sharding.runner
+
+        def recv_then_die(shape, dtype, groups):
+            dist.irecv(torch.empty(shape, dtype=dtype, device=groups.device), src=groups.prev_stage_rank)
+            os._exit(1)
+
+        sharding.runner.pp_recv = recv_then_die
 
     def ping(self) -> dict:
         return self.where()

@@ -10,8 +10,9 @@ running batch between steps (`add_request` is thread-safe). Each request has an 
 its caller's loop; the thread hands it every delta output with `call_soon_threadsafe`, and a
 reader that fell behind gets the deltas queued so far merged into one. Leaving
 the `async for` early (break, cancellation, a client that went away) aborts the request, which
-frees its KV blocks at the next step. If a step raises (a dead rank), the engine is dead: every
-open stream and every later call raises that error, and `dead` holds its message.
+frees its KV blocks at the next step. A rank the executor could rebuild only delays the streams
+(`LLMEngine` recomputes them); if a step raises (a dead rank past `max_restarts`), the engine is
+dead: every open stream and every later call raises that error, and `dead` holds its message.
 
 `drain(timeout_s)` is the graceful shutdown: new `generate` calls raise `EngineDrainingError`,
 running requests get up to `timeout_s` to finish, the rest are aborted (finish_reason "abort").

@@ -54,8 +54,9 @@ class EngineConfig:
     """Layers per pipeline stage: a tuple (summing to num_hidden_layers), None (equal counts), or
     "auto" (on a multi-node cluster, sized from the layers' bytes and each stage's node memory;
     equal counts when every stage shares one node)."""
-    collective_timeout_s: float = 120.0
-    """Deadline for rendezvous and every collective, so a dead peer never hangs a rank."""
+    collective_timeout_s: float = 30.0
+    """Deadline in seconds for rendezvous and every gloo/NCCL collective inside the workers (the
+    process groups' timeout), so a dead or stopped peer never hangs a rank."""
     max_logprobs: int = 20
     """Most top logprobs a request may ask for per token (vLLM's default 20); beam search needs 2 x beam_width."""
     max_n: int = 128
@@ -79,7 +80,11 @@ class EngineConfig:
     startup_timeout_s: float | None = None
     """Deadline for rendezvous + loading + warm-up; None: collective_timeout_s + 300."""
     step_timeout_s: float | None = None
-    """Deadline for one step on the Ray workers; None: collective_timeout_s."""
+    """Deadline in seconds for one step on the Ray workers; a rank that misses it is treated as dead
+    (its replica is rebuilt). None: collective_timeout_s."""
+    max_restarts: int = 3
+    """Replica rebuilds the Ray executor may do over the engine's life after a worker died, raised or
+    missed the step deadline (in-flight requests are recomputed); past it, EngineDeadError. 0: fail-stop."""
     quantization: str | None = None
     """Weight quantization each rank applies to its own slices at load: int8 / int4[-gN] (weight-only,
     memory first) or w8a8 (dynamic int8 activations, speed first); None keeps `dtype` weights."""
@@ -107,6 +112,8 @@ class EngineConfig:
         check_bool("enable_prefix_caching", self.enable_prefix_caching, type_err=ConfigTypeError)
         check_int("seed", self.seed, lo=INT64_MIN, hi=INT64_MAX, hint="a 64-bit signed integer", **_ERR)
         check_int("max_logprobs", self.max_logprobs, lo=0, **_ERR)
+        check_int("max_restarts", self.max_restarts, lo=0, hi=1000, hint="an integer in [0, 1000] (0: fail-stop)",
+                  **_ERR)
         if self.layer_split is not None and self.layer_split != "auto":
             self._check_layer_split()
         positive = ("> 0", lambda v: v > 0)

@@ -12,6 +12,12 @@ Data parallelism: one `Scheduler` per replica; a new request goes to the replica
 fewest unfinished sequences, then the most free KV blocks. All n sequences of a request stay
 on one replica.
 
+Recovery: when the executor reports replicas rebuilt (`ReplicasRestartedError`: a rank died,
+raised or missed its deadline), the other replicas' results of that step are applied as usual
+and the rebuilt replicas' sequences go back to the front of their queue to be recomputed from
+prompt + the tokens they already produced (kept, so a stream continues with no token repeated);
+their prefix cache is forgotten with the old ranks. `recoveries` lists them.
+
 n > 1 shares the prompt through the prefix cache: sibling 0 is admitted first, the others wait
 until its prompt is computed and then reuse its full prompt blocks (each recomputes only the
 partial last block, and samples from its own logits with seed + index). Without prefix caching
@@ -26,6 +32,7 @@ after its deadline, wherever it is (waiting or running); its blocks are freed li
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 
@@ -35,13 +42,15 @@ from scheduler import validation
 from scheduler.config import EngineConfig
 from scheduler.detokenizer import IncrementalDetokenizer
 from scheduler.errors import InvalidRequestError, InvalidTypeError, PromptTooLongError, QueueFullError, show
-from scheduler.executor import Executor
+from scheduler.executor import Executor, ReplicaRecovery, ReplicasRestartedError
 from scheduler.request import CompletionOutput, Request, RequestOutput, Sequence, SequenceStatus
 from scheduler.sampling_params import SamplingParams
 from scheduler.scheduler import SampledToken, Scheduler, SchedulerOutput
 from scheduler.wire import StepInput
 
 __all__ = ["LLMEngine", "PromptTooLongError"]
+
+logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -65,6 +74,7 @@ class LLMEngine:
         self._step_id = 0
         self.num_steps = 0
         self.max_batch_seqs = 0                                 # largest number of sequences in one step
+        self.recoveries: list[ReplicaRecovery] = []             # replicas the executor rebuilt, oldest first
 
     # -- requests ------------------------------------------------------------------------
 
@@ -165,13 +175,29 @@ class LLMEngine:
                 steps += [mb.to_step_input(self._step_id, r, i) for i, mb in enumerate(plan.micro_batches)]
             if steps:
                 self.max_batch_seqs = max(self.max_batch_seqs, sum(len(s.scheduled) for s in steps))
-                results = self.executor.execute(steps)
+                lost: set[int] = set()
+                try:
+                    results = self.executor.execute(steps)
+                except ReplicasRestartedError as e:   # other replicas' results of this step stand
+                    results, lost = e.outputs, e.replicas
+                    self._requeue_rebuilt(e.recoveries)
                 if len(results) != len(steps):
                     raise RuntimeError(f"executor returned {len(results)} outputs for {len(steps)} steps")
                 self._step_id += 1
                 self.num_steps += 1
-                changed |= self._process(plans, results)
+                changed |= self._process(plans, results, lost)
             return self._outputs(changed)
+
+    def _requeue_rebuilt(self, recoveries: list[ReplicaRecovery]) -> None:
+        """Recovery: the rebuilt replicas' sequences are recomputed from prompt + tokens produced so far."""
+        for rec in recoveries:
+            sched = self.schedulers[rec.replica]
+            n = sched.num_unfinished
+            sched.forget_ranks()
+            self.recoveries.append(rec)
+            logger.warning("replica %d rebuilt in %.2f s (restart %d of max_restarts=%d) after: %s; "
+                           "%d unfinished sequences re-queued for recompute", rec.replica, rec.recovery_s,
+                           rec.restarts_used, self.config.max_restarts, rec.cause, n)
 
     def _apply_inboxes(self) -> set[str]:
         with self._lock:
@@ -229,11 +255,14 @@ class LLMEngine:
                                                           p.include_stop_str_in_output)
             self.schedulers[r].add_sequence(seq)
 
-    def _process(self, plans: list[SchedulerOutput], results) -> set[str]:
+    def _process(self, plans: list[SchedulerOutput], results, lost: set[int] = frozenset()) -> set[str]:
         changed = set()
         k = 0
-        for sched, plan in zip(self.schedulers, plans, strict=True):
+        for r, (sched, plan) in enumerate(zip(self.schedulers, plans, strict=True)):
             n = len(plan.micro_batches)
+            if r in lost:   # this replica's micro-batches died with it; forget_ranks re-queued them
+                k += n
+                continue
             for s in sched.update(plan, results[k:k + n]):
                 self._append_token(sched, s)
                 changed.add(s.seq.request_id)

@@ -3,7 +3,8 @@
 One `EngineMetrics` per engine. `observe(out, now)` sees every output the step loop produces;
 `snapshot(engine)` returns a plain dict (picklable, summable across replicas):
 
-    counters   prompt_tokens, generation_tokens, request_success (by finish reason)
+    counters   prompt_tokens, generation_tokens, request_success (by finish reason),
+               replica_restarts (replicas rebuilt after a failure), replica_recovery_seconds (their sum)
     gauges     num_requests_running, num_requests_waiting, kv_cache_usage_perc (0..1)
     histograms time_to_first_token_seconds, time_per_output_token_seconds,
                e2e_request_latency_seconds   ({"buckets": [...], "counts": [...], "sum", "count"})
@@ -96,6 +97,8 @@ class EngineMetrics:
             "all_blocks_free": engine.all_blocks_free(),
             "prompt_tokens": self.prompt_tokens, "generation_tokens": self.generation_tokens,
             "request_success": dict(self.request_success), "num_requests": self.num_requests,
+            "replica_restarts": len(engine.recoveries),
+            "replica_recovery_seconds": sum(r.recovery_s for r in engine.recoveries),
             "time_to_first_token_seconds": self.ttft.to_dict(),
             "time_per_output_token_seconds": self.tpot.to_dict(),
             "e2e_request_latency_seconds": self.e2e.to_dict(),

@@ -126,6 +126,17 @@ class Scheduler:
         for seq in reversed(list(self.running)):
             self._preempt(seq)
 
+    def forget_ranks(self) -> None:
+        """The replica's ranks were rebuilt with an empty KV cache: recompute every running sequence
+        from its prompt + the tokens it already produced (those stay, so a stream goes on where it
+        was), forget the prefix cache (its blocks were on the dead ranks) and the ids the old ranks
+        were to drop. Not counted as preemptions."""
+        preemptions = self.num_preemptions
+        self.recompute_all()
+        self.num_preemptions = preemptions
+        self.block_manager.reset_prefix_cache()
+        self._dropped_seq_ids = []
+
     # -- one step ------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:

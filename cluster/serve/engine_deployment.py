@@ -112,13 +112,15 @@ class ShardlineEngine:
     # -- health and metrics ------------------------------------------------------------------
 
     def check_health(self) -> None:
-        """Serve calls this periodically; raising makes Serve replace the replica."""
+        """Serve calls this periodically; raising makes Serve replace the replica. A worker failure the
+        executor recovered from (within `max_restarts`) keeps the replica healthy; past the budget the
+        engine is dead and this raises."""
         if self.engine.dead is not None:
             raise EngineDeadError(self.engine.dead)
 
     def health(self) -> dict:
         self.check_health()
-        return {"replica": self.replica_id, "ok": True}
+        return {"replica": self.replica_id, "ok": True, "restarts": len(self.llm.engine.recoveries)}
 
     def stats(self) -> dict:
         return {"replica": self.replica_id, **self._snapshot()}

@@ -54,9 +54,10 @@ class _Collector:
         g.add_metric(values, sum(s["kv_cache_usage_perc"] for s in self.live) / max(len(self.live), 1))
         yield g
         for key, doc in (("prompt_tokens", "Number of prefill tokens processed."),
-                         ("generation_tokens", "Number of generation tokens processed.")):
+                         ("generation_tokens", "Number of generation tokens processed."),
+                         ("replica_restarts", "Engine replicas rebuilt after a worker failed (Shardline).")):
             c = CounterMetricFamily(PREFIX + key, doc, labels=names)
-            c.add_metric(values, sum(s[key] for s in self.all))
+            c.add_metric(values, sum(s.get(key, 0) for s in self.all))
             yield c
         c = CounterMetricFamily(PREFIX + "request_success", "Count of finished requests by finish reason.",
                                 labels=[*names, "finished_reason"])

@@ -3,8 +3,9 @@
 - impossible layouts fail before Ray starts anything;
 - missing resources fail before any actor starts, with a message that says what is missing;
 - after `shutdown()` no actor or placement group of ours is alive;
-- `ray.kill` of one worker mid-generation fails the pending requests with `EngineDeadError`
-  within 5 s, and the process does not hang.
+- with `max_restarts=0` (fail-stop), `ray.kill` of one worker mid-generation fails the pending
+  requests with `EngineDeadError` within 5 s, and the process does not hang (recovery within the
+  restart budget is tests/ray/test_recovery.py).
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def test_shutdown_leaves_no_actor_or_placement_group(tiny_llama_dir, ray_local):
 
 @pytest.mark.parametrize("victim", ["first stage", "last stage"])
 def test_killed_worker_fails_pending_requests_within_5s(tiny_llama_dir, ray_local, victim):
-    llm = LLM(str(tiny_llama_dir), tensor_parallel_size=1, pipeline_parallel_size=2, address=ray_local)
+    llm = LLM(str(tiny_llama_dir), tensor_parallel_size=1, pipeline_parallel_size=2, address=ray_local,
+              max_restarts=0)
     try:
         prompts = mixed_prompts(vocab=509)
         params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
@@ -118,6 +120,7 @@ def test_killed_worker_fails_pending_requests_within_5s(tiny_llama_dir, ray_loca
         assert detect_s < 5.0, f"took {detect_s:.1f} s to notice the dead worker"
         assert f"pp={worker.rank.pp_rank}" in str(result["error"])
         assert "died" in str(result["error"])
+        assert "restart budget is used up (max_restarts=0" in str(result["error"])
         print(f"dead worker detected in {detect_s * 1000:.0f} ms: {result['error']}")
         # later requests fail at once too, instead of hanging on a half-dead pipeline
         t0 = time.monotonic()

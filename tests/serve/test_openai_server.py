@@ -38,7 +38,8 @@ def server(tiny_llama_dir):
             "--pipeline-parallel-size", "2", "--data-parallel-size", "2", "--name", "t",
             "--api-key", API_KEY, "--max-ongoing-requests", "100", "--max-queued-requests", "20",
             "--max-num-seqs", "8", "--max-waiting-requests", "32", "--max-request-bytes", str(MAX_BODY),
-            "--max-prompt-chars", str(MAX_CHARS), "--drain-timeout", "0"]
+            "--max-prompt-chars", str(MAX_CHARS), "--drain-timeout", "0",
+            "--max-restarts", "0"]   # fail-stop: the last test kills a worker to see a dead engine
     with shardline_serve(args) as srv:
         yield srv
         late = _in_flight_stream(srv)
@@ -428,3 +429,4 @@ def test_health_is_503_when_an_engine_dies(server, client):
     assert "died" in r.json()["error"]["message"]
     for _, body in failures:
         _no_leak(body.get("error", body))   # the client hands over the inner error object
+    assert "restart budget is used up (max_restarts=0" in r.json()["error"]["message"]
