@@ -135,6 +135,7 @@ def _snapshot(tokens: int, reason: str) -> dict:
 
     class _Engine:   # what snapshot() reads
         schedulers = []
+        recoveries = []
 
         @staticmethod
         def all_blocks_free():
