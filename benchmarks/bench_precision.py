@@ -134,14 +134,15 @@ def report(results: list[dict], bandwidth_gbs: float, flags: dict) -> str:
                      f"{r['decode_ms_per_token']:.1f}",
                      f"{base['decode_ms_per_token'] / r['decode_ms_per_token']:.2f}x",
                      f"{1e3 * read / (bandwidth_gbs * 1e9):.2f}",
-                     f"{r['throughput_tok_s']:.1f}", f"{r['throughput_tok_s'] / base['throughput_tok_s']:.2f}x"])
+                     f"{r['throughput_tok_s']:.1f}", f"{r['throughput_tok_s'] / base['throughput_tok_s']:.2f}x",
+                     str(r["requests"])])
         for shape, k in r["kernels"].items():
             cands = ", ".join(f"{n} {v[0]:.3f}/{v[1]:.3f}" for n, v in k["ms"].items())
             rejected = "; ".join(f"{n}: {w}" for n, w in k["rejected"].items())
             krows.append([r["name"], shape, k["kernel"], cands, rejected])
     headers = ["precision", "perplexity", "vs fp32", "greedy agreement", "linear MiB", "smaller",
                "LM head extra MiB", "peak RSS MiB", "decode ms/token", "decode speed-up",
-               "memory floor ms/token", "throughput tok/s", "throughput ratio"]
+               "memory floor ms/token", "throughput tok/s", "throughput ratio", "throughput requests"]
     flag_text = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items())
     return "\n\n".join([
         "## Precision (bench_precision.py)", common.machine_line(), f"CPU features: {flag_text}; "
