@@ -6,10 +6,10 @@ fp32 measured in the same run.
 
 - accuracy: perplexity of a fixed English text written into the repo
   (benchmarks/data/pride_and_prejudice_ch1.txt: the opening of Jane Austen's "Pride and
-  Prejudice", chapter 1, public domain), from every position's logits computed by Shardline's
-  own stage (runner input preparation + stage forward + LM head); greedy agreement with fp32:
-  mean tokens before the first divergence over 32 prompts (16-token slices of the same text)
-  x 64 greedy tokens.
+  Prejudice", chapter 1, public domain, 698 tokens), computed through Shardline itself with
+  `SamplingParams(prompt_logprobs=0)` (vLLM's field, as lm-evaluation-harness uses it);
+  greedy agreement with fp32: mean tokens before the first divergence over 32 prompts
+  (16-token slices of the same text) x 64 greedy tokens (--quick: 8 x 32).
 - memory: decoder linear-weight bytes, LM-head bytes beyond the tied embedding, peak RSS of the
   process; the memory floor of one decode step (bytes of every weight read per token / the
   read bandwidth measured in the same run).
@@ -19,6 +19,7 @@ fp32 measured in the same run.
 
     python benchmarks/bench_precision.py                 # all five precisions, 32 requests
     python benchmarks/bench_precision.py --only fp32 int8 --requests 8
+    python benchmarks/bench_precision.py --quick --requests 16      # a loaded machine
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ from benchmarks import common  # noqa: E402  (first: it sets OpenMP's wait polic
 # isort: on
 
 PRECISIONS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("float32", "int8"),
-              "int4": ("float32", "int4"), "w8a8": ("float32", "w8a8")}
+              "int4": ("float32", "int4"), "int4-g32": ("float32", "int4-g32"), "w8a8": ("float32", "w8a8")}
 TEXT = pathlib.Path(__file__).resolve().parent / "data" / "pride_and_prejudice_ch1.txt"
 NUM_PROMPTS, PROMPT_LEN, GREEDY_TOKENS, DECODE_TOKENS = 32, 16, 64, 64
+QUICK = (8, 32, 32)   # --quick: prompts x greedy tokens for agreement, decode tokens timed
 CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni", "avx_vnni")
 
 
@@ -55,24 +57,16 @@ def cpu_flags() -> dict[str, bool]:
     return {f: f in flags for f in CPU_FLAGS}
 
 
-def text_logprobs(runner, ids: list[int]) -> list[float]:
-    """log p(ids[i] | ids[:i]) for i >= 1, from every position's logits of one prefill."""
-    import torch
+def text_logprobs(llm, ids: list[int]) -> list[float]:
+    """log p(ids[i] | ids[:i]) for i >= 1, through Shardline's own `prompt_logprobs` (vLLM's field)."""
+    from cluster import SamplingParams
 
-    from scheduler.wire import NewSequence, ScheduledSequence, SeqSampling, StepInput
-    seq_id, blocks = 10**9, list(range(1, math.ceil(len(ids) / runner.block_size) + 1))
-    step = StepInput(step_id=10**9, new_sequences=[NewSequence(seq_id, ids, len(ids), blocks, SeqSampling(0.0))],
-                     scheduled=[ScheduledSequence(seq_id, 0, len(ids), True)])
-    with torch.inference_mode():
-        runner._update_cache(step)
-        tokens, meta = runner._prepare(step)
-        x = runner.model(runner.model.embed(tokens, meta.positions), runner.kv_caches, meta)
-        logprobs = torch.log_softmax(runner.model.logits(x), dim=-1)
-        runner.seqs.pop(seq_id)
-    return logprobs[:-1].gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1).tolist()
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+    return [d[t] for d, t in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
 
 
-def run_one(name: str, model: str, requests: int) -> dict:
+def run_one(name: str, model: str, requests: int, quick: bool) -> dict:
     """Everything measured for one precision, in this process."""
     common.set_threads(2)
     from benchmarks.workload import make_requests
@@ -92,11 +86,12 @@ def run_one(name: str, model: str, requests: int) -> dict:
     embed = runner.model.tied_embedding()
     embed_bytes = embed.weight.numel() * embed.weight.element_size() if embed is not None else 0
     ids = llm.tokenizer.encode(TEXT.read_text()).ids
-    lps = text_logprobs(runner, ids)
-    greedy = SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, ignore_eos=True)
-    prompts = [{"prompt_token_ids": ids[i * 20:i * 20 + PROMPT_LEN]} for i in range(NUM_PROMPTS)]
+    lps = text_logprobs(llm, ids)
+    num_prompts, greedy_tokens, decode_tokens = QUICK if quick else (NUM_PROMPTS, GREEDY_TOKENS, DECODE_TOKENS)
+    greedy = SamplingParams(temperature=0, max_tokens=greedy_tokens, ignore_eos=True)
+    prompts = [{"prompt_token_ids": ids[i * 20:i * 20 + PROMPT_LEN]} for i in range(num_prompts)]
     agree = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy, use_tqdm=False)]
-    one = SamplingParams(temperature=0, max_tokens=DECODE_TOKENS, ignore_eos=True)
+    one = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
     decode_s = min(common.timed(lambda: llm.generate([prompts[0]], one, use_tqdm=False)) for _ in range(2))
     reqs = make_requests(requests, vocab_size=49152, max_prompt=128, max_output=64)
     params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
@@ -105,7 +100,7 @@ def run_one(name: str, model: str, requests: int) -> dict:
     llm.shutdown()
     return {"name": name, "requests": requests, "dtype": dtype, "quantization": quant, "load_s": load_s,
             "perplexity": math.exp(-sum(lps) / len(lps)), "text_tokens": len(ids), "greedy_tokens": agree,
-            "decode_ms_per_token": 1e3 * decode_s / DECODE_TOKENS,
+            "decode_ms_per_token": 1e3 * decode_s / decode_tokens, "quick": quick,
             "throughput_tok_s": sum(r.max_tokens for r in reqs) / thr_s,
             "linear_weight_bytes": report["linear_weight_bytes"], "lm_head_bytes": report["lm_head_bytes"],
             "embedding_bytes": embed_bytes, "kernels": report["kernels"],
@@ -132,21 +127,22 @@ def report(results: list[dict], bandwidth_gbs: float, flags: dict) -> str:
     for r in results:
         read = r["linear_weight_bytes"] + r["lm_head_bytes"] + r["embedding_bytes"]   # bytes read per decode step
         rows.append([r["name"], f"{r['perplexity']:.3f}", f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.2f} %",
-                     f"{agreement(r['greedy_tokens'], base['greedy_tokens']):.1f} / {GREEDY_TOKENS}",
+                     f"{agreement(r['greedy_tokens'], base['greedy_tokens']):.1f} / {len(base['greedy_tokens'][0])}",
                      f"{r['linear_weight_bytes'] / 2**20:.1f}",
                      f"{base['linear_weight_bytes'] / r['linear_weight_bytes']:.2f}x",
                      f"{r['lm_head_bytes'] / 2**20:.1f}", f"{r['peak_rss_mb']:.0f}",
                      f"{r['decode_ms_per_token']:.1f}",
                      f"{base['decode_ms_per_token'] / r['decode_ms_per_token']:.2f}x",
                      f"{1e3 * read / (bandwidth_gbs * 1e9):.2f}",
-                     f"{r['throughput_tok_s']:.1f}", f"{r['throughput_tok_s'] / base['throughput_tok_s']:.2f}x"])
+                     f"{r['throughput_tok_s']:.1f}", f"{r['throughput_tok_s'] / base['throughput_tok_s']:.2f}x",
+                     str(r["requests"])])
         for shape, k in r["kernels"].items():
             cands = ", ".join(f"{n} {v[0]:.3f}/{v[1]:.3f}" for n, v in k["ms"].items())
             rejected = "; ".join(f"{n}: {w}" for n, w in k["rejected"].items())
             krows.append([r["name"], shape, k["kernel"], cands, rejected])
     headers = ["precision", "perplexity", "vs fp32", "greedy agreement", "linear MiB", "smaller",
                "LM head extra MiB", "peak RSS MiB", "decode ms/token", "decode speed-up",
-               "memory floor ms/token", "throughput tok/s", "throughput ratio"]
+               "memory floor ms/token", "throughput tok/s", "throughput ratio", "throughput requests"]
     flag_text = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items())
     return "\n\n".join([
         "## Precision (bench_precision.py)", common.machine_line(), f"CPU features: {flag_text}; "
@@ -160,6 +156,8 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--only", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
     ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--quick", action="store_true",
+                    help=f"agreement over {QUICK[0]} prompts x {QUICK[1]} tokens, decode timed over {QUICK[2]} tokens")
     ap.add_argument("--one", choices=list(PRECISIONS), help=argparse.SUPPRESS)   # child mode
     ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="benchmarks/results/precision", help="writes OUT.json and OUT.md")
@@ -169,18 +167,19 @@ def main() -> None:
     args = ap.parse_args()
     model = common.model_path(args.model)
     if args.one:
-        pathlib.Path(args.json_out).write_text(json.dumps(run_one(args.one, model, args.requests)))
+        pathlib.Path(args.json_out).write_text(json.dumps(run_one(args.one, model, args.requests, args.quick)))
         return
     names = ["fp32"] + [n for n in args.only if n != "fp32"]
     results = []
     from tqdm.auto import tqdm
     for name in tqdm(names, desc="precisions"):
         out = pathlib.Path(f"/tmp/bench_precision_{name}.json")
-        if args.reuse and out.is_file() and json.loads(out.read_text()).get("requests") == args.requests:
-            results.append(json.loads(out.read_text()))
+        old = json.loads(out.read_text()) if args.reuse and out.is_file() else {}
+        if (old.get("requests"), old.get("quick")) == (args.requests, args.quick):
+            results.append(old)
             continue
         subprocess.run([sys.executable, __file__, "--one", name, "--json-out", str(out), "--model", model,
-                        "--requests", str(args.requests)], check=True)
+                        "--requests", str(args.requests)] + (["--quick"] if args.quick else []), check=True)
         results.append(json.loads(out.read_text()))
     common.set_threads(2)
     bandwidth = common.median([common.memory_bandwidth_gbs()() for _ in range(3)])

@@ -87,8 +87,8 @@ class BlockManager:
         return True
 
     def _find_cached_prefix(self, seq: Sequence) -> tuple[list[int], list[int]]:
-        if not self.enable_prefix_caching:
-            return [], []
+        if not self.enable_prefix_caching or seq.sampling.prompt_logprobs is not None:
+            return [], []   # prompt logprobs need every prompt position computed
         bs = self.block_size
         max_blocks = (seq.num_tokens - 1) // bs       # never the block holding the last token
         blocks: list[int] = []

@@ -38,7 +38,7 @@ import time
 
 from tokenizers import Tokenizer
 
-from scheduler import validation
+from scheduler import prompt_logprobs, validation
 from scheduler.config import EngineConfig
 from scheduler.detokenizer import IncrementalDetokenizer
 from scheduler.errors import InvalidRequestError, InvalidTypeError, PromptTooLongError, QueueFullError, show
@@ -242,6 +242,8 @@ class LLMEngine:
         req.replica = r
         order = next(self._order)
         p = req.params
+        if p.prompt_logprobs is not None:
+            req.prompt_logprobs = prompt_logprobs.start(len(req.prompt_token_ids))
         for i in range(p.n):
             seq = Sequence(req.request_id, i, req.prompt_token_ids, p.to_wire(self.eos_token_ids, i),
                            arrival=req.arrival, order=order)
@@ -263,6 +265,8 @@ class LLMEngine:
             if r in lost:   # this replica's micro-batches died with it; forget_ranks re-queued them
                 k += n
                 continue
+            for mb, res in zip(plan.micro_batches, results[k:k + n]):
+                prompt_logprobs.record(mb.items, res, self._requests)
             for s in sched.update(plan, results[k:k + n]):
                 self._append_token(sched, s)
                 changed.add(s.seq.request_id)
@@ -324,7 +328,8 @@ class LLMEngine:
                 logprobs=None if seq.output_logprobs is None else list(seq.output_logprobs),
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
-                             num_cached_tokens=req.seqs[0].num_cached_tokens)
+                             num_cached_tokens=req.seqs[0].num_cached_tokens,
+                             prompt_logprobs=None if req.prompt_logprobs is None else list(req.prompt_logprobs))
 
     # -- introspection (tests, metrics) ---------------------------------------------------
 

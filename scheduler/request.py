@@ -119,6 +119,7 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     replica: int = 0
     deadline: float | None = None       # time.monotonic() after which it ends with "timeout"
+    prompt_logprobs: list[dict[int, float] | None] | None = None   # scheduler.prompt_logprobs
 
     @property
     def finished(self) -> bool:
@@ -156,3 +157,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0                # prompt tokens served by the prefix cache
+    # with SamplingParams.prompt_logprobs: per prompt token {token_id: logprob} (the token + top-k), first None
+    prompt_logprobs: list[dict[int, float] | None] | None = None

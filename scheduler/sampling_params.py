@@ -56,6 +56,9 @@ class SamplingParams:
     """Keep the matched stop string at the end of the returned text."""
     logprobs: int | None = None
     """Return the sampled token's logprob plus this many top logprobs per output token; None: none."""
+    prompt_logprobs: int | None = None
+    """Return, per prompt token, its logprob plus this many top logprobs (vLLM); None: none.
+    Those positions are always computed (the prefix cache is not used for this request's prompt)."""
     presence_penalty: float = 0.0
     """Subtracted from the logits of tokens already in the output, in [-2, 2]."""
     frequency_penalty: float = 0.0
@@ -102,6 +105,8 @@ class SamplingParams:
             check_int("logprobs", self.logprobs, lo=0, hint="None or an integer >= 0", **_ERR)
         if self.timeout is not None:
             check_number("timeout", self.timeout, "> 0 seconds (or None: no deadline)", lambda v: v > 0, **_ERR)
+        if self.prompt_logprobs is not None:
+            check_int("prompt_logprobs", self.prompt_logprobs, lo=0, hint="None or an integer >= 0", **_ERR)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             check_bool(name, getattr(self, name), type_err=SamplingParamsTypeError)
         self._stop_list = _normalize_stop(self.stop)
@@ -145,6 +150,8 @@ class SamplingParams:
             frequency_penalty=float(self.frequency_penalty),
             repetition_penalty=float(self.repetition_penalty),
             logprobs=self.logprobs,
+            # only the first output sequence computes (and reports) the prompt's logprobs
+            prompt_logprobs=self.prompt_logprobs if index == 0 else None,
             min_tokens=int(self.min_tokens),
             suppress_token_ids=suppress,
         )

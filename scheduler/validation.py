@@ -61,11 +61,12 @@ def check_sampling_params(params, limits: RequestLimits, param: str = "sampling_
         params.validate()
     _err = {"err": SamplingParamsError, "type_err": SamplingParamsTypeError}
     check_int("n", params.n, lo=1, hi=limits.max_n, hint=f"in [1, {limits.max_n}] (max_n of this engine)", **_err)
-    if params.logprobs is not None:
-        hi = min(limits.max_logprobs, limits.vocab_size)
-        check_int("logprobs", params.logprobs, lo=0, hi=hi,
-                  hint=f"None or in [0, {hi}] (max_logprobs of this engine; raise it with LLM(max_logprobs=...))",
-                  **_err)
+    hi = min(limits.max_logprobs, limits.vocab_size)
+    for name in ("logprobs", "prompt_logprobs"):
+        if getattr(params, name) is not None:
+            check_int(name, getattr(params, name), lo=0, hi=hi,
+                      hint=f"None or in [0, {hi}] (max_logprobs of this engine; raise it with LLM(max_logprobs=...))",
+                      **_err)
     for t in params.stop_token_ids:
         check_int("stop_token_ids", t, lo=0, hi=limits.vocab_size - 1,
                   hint=f"token ids in [0, {limits.vocab_size}) (the tokenizer's vocabulary)", **_err)

@@ -38,11 +38,12 @@ class SeqSampling:
     logprobs: int | None = None      # top-k logprobs to return besides the sampled token's
     min_tokens: int = 0
     suppress_token_ids: list[int] = field(default_factory=list)  # masked while fewer than min_tokens outputs
+    prompt_logprobs: int | None = None   # top-k logprobs per prompt position besides the actual token's
 
     def to_list(self) -> list:
         return [self.temperature, self.top_p, self.top_k, self.min_p, self.seed,
                 self.presence_penalty, self.frequency_penalty, self.repetition_penalty,
-                self.logprobs, self.min_tokens, list(self.suppress_token_ids)]
+                self.logprobs, self.min_tokens, list(self.suppress_token_ids), self.prompt_logprobs]
 
     @classmethod
     def from_list(cls, v: list) -> SeqSampling:
@@ -120,6 +121,9 @@ class StepOutput:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)           # log p(sampled token), raw model distribution
     top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)  # per seq, if requested
+    # prompt logprobs of this step's prefill chunks: [seq_id, first position, [[actual token's logprob,
+    # [[id, logprob], ...top-k]] per position]] (sharding.prompt_logprobs)
+    prompt_logprobs: list[list] = field(default_factory=list)
     version: int = WIRE_VERSION
 
 
@@ -142,7 +146,7 @@ def decode_step_input(data: bytes) -> StepInput:
 def encode_step_output(s: StepOutput) -> bytes:
     top = [None if t is None else [[int(i), float(p)] for i, p in t] for t in s.top_logprobs]
     return msgpack.packb([s.version, s.step_id, s.replica, s.micro_batch, s.seq_ids, s.token_ids,
-                          s.logprobs, top], use_bin_type=True)
+                          s.logprobs, top, s.prompt_logprobs], use_bin_type=True)
 
 
 def decode_step_output(data: bytes) -> StepOutput:
@@ -150,7 +154,7 @@ def decode_step_output(data: bytes) -> StepOutput:
     _check_version(v[0], "StepOutput")
     top = [None if t is None else [(int(i), float(p)) for i, p in t] for t in v[7]]
     return StepOutput(step_id=v[1], replica=v[2], micro_batch=v[3], seq_ids=v[4], token_ids=v[5],
-                      logprobs=v[6], top_logprobs=top, version=v[0])
+                      logprobs=v[6], top_logprobs=top, prompt_logprobs=v[8], version=v[0])
 
 
 def _check_version(version: int, what: str) -> None:

@@ -28,6 +28,7 @@ from scheduler.wire import (
     decode_step_input,
     encode_step_output,
 )
+from sharding import prompt_logprobs
 from sharding.dist import ParallelGroups, pp_recv, pp_send
 from sharding.layers.attention import AttentionGroup, AttentionMetadata
 from sharding.loader import DTYPES, load_stage
@@ -182,6 +183,7 @@ class ModelRunner:
     def forward_logits(self, step: StepInput) -> torch.Tensor | None:
         """Logits [num sampled sequences, vocab] on last-stage ranks, None elsewhere."""
         self._update_cache(step)
+        self.prompt_logprobs: list[list] = []
         if not step.scheduled:
             return None
         ids, meta = self._prepare(step)
@@ -194,6 +196,7 @@ class ModelRunner:
         if not g.is_last_stage:
             pp_send(x, g)
             return None
+        self.prompt_logprobs = prompt_logprobs.compute(self.model, step, self.seqs, x)
         ends = torch.cumsum(torch.tensor([s.num_new for s in step.scheduled]), 0) - 1
         rows = ends[[i for i, s in enumerate(step.scheduled) if s.sample]]
         return self.model.logits(x[rows.to(x.device)])
@@ -202,7 +205,8 @@ class ModelRunner:
         logits = self.forward_logits(step)
         if not self.groups.is_driver:
             return None
-        out = StepOutput(step_id=step.step_id, replica=step.replica, micro_batch=step.micro_batch)
+        out = StepOutput(step_id=step.step_id, replica=step.replica, micro_batch=step.micro_batch,
+                         prompt_logprobs=self.prompt_logprobs)
         sampled = [s for s in step.scheduled if s.sample]
         if logits is None or not sampled:
             return out

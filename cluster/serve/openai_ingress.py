@@ -124,6 +124,10 @@ class _Formatter:
                     choice["message"] = {"role": "assistant", "content": c.text}
                 else:
                     choice["text"] = c.text
+                if out.prompt_logprobs is not None:   # vLLM's layout: None, then {token id: {"logprob", ...}}
+                    choice["prompt_logprobs"] = [None if d is None else {str(k): {
+                        "logprob": v, "decoded_token": self.tokenizer.decode([k], skip_special_tokens=False)}
+                        for k, v in d.items()} for d in out.prompt_logprobs]
                 choices.append(choice)
         return {**self._head(self.object), "choices": choices, "usage": self.usage()}
 

@@ -8,6 +8,7 @@ Shardline's own extension: `timeout` (seconds; the request ends with finish_reas
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -68,6 +69,11 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = 16
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: Literal[False] = False
+    prompt_logprobs: int | None = None   # vLLM's extension: each prompt token's logprob + this many top ones
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        params = super().sampling_params(max_tokens, logprobs)
+        return dataclasses.replace(params, prompt_logprobs=self.prompt_logprobs)
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text, or token ids."""

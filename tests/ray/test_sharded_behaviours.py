@@ -6,8 +6,9 @@ wrong stage or a sampler fed different logits would show. To stay inside the CI 
 engine instance carries several behaviours:
 
 - TP=2 x PP=2 tiny Llama with a 16-token step budget and a small KV pool: chunked prefill,
-  preemption with pipeline stages, prefix-cache hits, n > 1, and seeded sampling — greedy tokens
-  equal HF `generate` (logprobs within 1e-4), seeded tokens equal a TP=1 in-process engine's.
+  preemption with pipeline stages, prefix-cache hits, n > 1, prompt_logprobs and seeded sampling —
+  greedy tokens equal HF `generate` (logprobs and prompt logprobs within 1e-4), seeded tokens equal
+  a TP=1 in-process engine's.
   (The issue asks for TP=3 / PP=2; the tiny fixtures have 8 heads, so TP=2 x PP=2 stands in.)
 - 8 ranks, TP=4 x PP=2, on a tiny Mistral with a sliding window (8) shorter than the prompts and
   an uneven layer_split (3, 1): greedy equals HF; seeded sampling equals TP=1 in-process.
@@ -57,6 +58,19 @@ def assert_greedy_equals_hf(model_dir, prompts, outs, max_tokens: int) -> None:
             assert worst < TOL, f"prompt {i}: logprobs differ from HF by {worst:.2e}"
 
 
+def assert_prompt_logprobs_equal_hf(model_dir, prompt: list[int], out, k: int) -> None:
+    """vLLM's layout: None for the first token, then {actual token: lp, top-k: lp}; values equal HF's."""
+    want = torch.log_softmax(hf_prefill_logits(model_dir, prompt), dim=-1)
+    got = out.prompt_logprobs
+    assert len(got) == len(prompt) and got[0] is None
+    for i in range(1, len(prompt)):
+        top = want[i - 1].topk(k)
+        expect = {prompt[i]: want[i - 1, prompt[i]].item(), **dict(zip(top.indices.tolist(), top.values.tolist()))}
+        assert set(got[i]) == set(expect), f"position {i}: token ids {sorted(got[i])} != {sorted(expect)}"
+        worst = max(abs(got[i][t] - v) for t, v in expect.items())
+        assert worst < TOL, f"position {i}: prompt logprobs differ from HF by {worst:.2e}"
+
+
 def assert_clean(llm: LLM) -> None:
     assert not llm.engine.has_unfinished_requests() and llm.engine.all_blocks_free()
 
@@ -99,6 +113,11 @@ def test_tp2_pp2_chunked_prefill_preemption_prefix_cache_n_and_seeds(tiny_llama_
         assert all(o.num_cached_tokens == 24 for o in rest)
         assert llm.engine.prefix_hit_tokens - hits_before >= 2 * 24
         assert_greedy_equals_hf(tiny_llama_dir, shared, first + rest, 8)
+        # prompt_logprobs: a prompt of 26+ tokens in 16-token chunks, its cached prefix recomputed (not
+        # served from the cache), vocabulary-sharded logits gathered on the last stage; n=2 reports once
+        (scored,) = run(llm, shared[:1], greedy(2, n=2, prompt_logprobs=3))
+        assert scored.num_cached_tokens == 0 and scored.outputs[1].token_ids == first[0].outputs[0].token_ids[:2]
+        assert_prompt_logprobs_equal_hf(tiny_llama_dir, shared[0], scored, 3)
         # n > 1: greedy siblings all equal HF; seeded siblings equal separate requests with seed + i
         p = prompts_of(1, seed=4, lo=10, hi=10)
         (both,) = run(llm, p, greedy(8, n=3))

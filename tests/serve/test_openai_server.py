@@ -16,10 +16,11 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
-from tests.fixtures.reference import hf_greedy
+from tests.fixtures.reference import hf_greedy, hf_prefill_logits
 from tests.serve.conftest import API_KEY, REPO, shardline_serve
 from tests.serve.test_drain import LONG, stream_completion
 
@@ -123,6 +124,14 @@ def test_completion_and_chat_equal_transformers_greedy(client, tiny_llama_dir, h
         assert r.choices[0].text == _text(hf_tok, tokens)
         assert r.choices[0].finish_reason == "length"
         assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt), MAX_TOKENS)
+    # vLLM's prompt_logprobs extension field: per prompt token {id: {"logprob"}}, first None, equal to HF
+    prompt = PROMPTS[1]
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0,
+                                  extra_body={"prompt_logprobs": 2})
+    got, want = r.choices[0].prompt_logprobs, torch.log_softmax(hf_prefill_logits(tiny_llama_dir, prompt), -1)
+    assert got[0] is None and len(got) == len(prompt) and all(len(d) in (2, 3) for d in got[1:])
+    for i in range(1, len(prompt)):
+        assert abs(got[i][str(prompt[i])]["logprob"] - want[i - 1, prompt[i]].item()) < 1e-4
     messages = [{"role": "user", "content": "hello there"}]
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS, temperature=0,
                                        extra_body=EXTRA)

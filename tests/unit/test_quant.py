@@ -101,6 +101,21 @@ def test_selection_rejects_failing_and_inexact_kernels_and_falls_back_to_dequant
     assert all(math.isfinite(r) for r in choice.ratio_to_dense)
 
 
+def test_w8a8_selection_keeps_per_token_activations_and_rejects_one_range_per_call():
+    """On prefill-shaped activations (tokens 100x apart) one fbgemm range per call zeroes the quiet
+    tokens; the per-token candidates stay within W8A8_ERROR_FACTOR of the reference's own error."""
+    from sharding.quant.kernels import DequantW8A8, FbgemmDynamic, FbgemmPerToken
+
+    qw = quantize(torch.randn(96, 128) * 0.05, "w8a8")
+    _, choice = choose_kernel("w8a8", qw, torch.float32, 16, candidates=[FbgemmPerToken, FbgemmDynamic, DequantW8A8])
+    assert "relative error" in choice.rejected["fbgemm_dynamic"]
+    assert {"fbgemm_per_token", "dequant"} <= set(choice.ms) and choice.kernel in ("fbgemm_per_token", "dequant")
+    x = torch.randn(4, 128) * torch.tensor([[0.01], [0.1], [1.0], [10.0]])
+    exact = x @ dequantize(qw).t()
+    rows = (FbgemmPerToken(qw, torch.float32)(x) - exact).norm(dim=-1) / exact.norm(dim=-1)
+    assert float(rows.max()) < 0.05, rows   # the quietest token is as exact as the loudest
+
+
 def test_unknown_methods_are_rejected_with_the_closest_name():
     with pytest.raises(QuantizationError, match="did you mean 'int8'"):
         parse_method("int9")

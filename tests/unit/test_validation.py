@@ -61,13 +61,16 @@ def test_unknown_argument_names_the_closest_valid_one():
 
 
 def test_sampling_params_from_dict_and_engine_bounds():
-    assert check_sampling_params({"n": 2, "logprobs": 5}, LIMITS).n == 2
-    for bad, param in (({"n": 5}, "n"), ({"logprobs": 6}, "logprobs"), ({"stop_token_ids": [100]}, "stop_token_ids")):
+    assert check_sampling_params({"n": 2, "logprobs": 5, "prompt_logprobs": 5}, LIMITS).n == 2
+    for bad, param in (({"n": 5}, "n"), ({"logprobs": 6}, "logprobs"), ({"prompt_logprobs": 6}, "prompt_logprobs"),
+                       ({"prompt_logprobs": -1}, "prompt_logprobs"), ({"stop_token_ids": [100]}, "stop_token_ids")):
         with pytest.raises(SamplingParamsError) as e:
             check_sampling_params(bad, LIMITS)
         assert e.value.param == param
     with pytest.raises(SamplingParamsTypeError, match="must be a SamplingParams or a dict"):
         check_sampling_params(["n", 1], LIMITS)
+    with pytest.raises(SamplingParamsTypeError, match="prompt_logprobs"):
+        check_sampling_params({"prompt_logprobs": 1.5}, LIMITS)
     mutated = SamplingParams()
     mutated.top_p = 5.0
     with pytest.raises(SamplingParamsError, match=r"top_p=5.0 is out of range"):
