@@ -108,7 +108,7 @@ def choose_layouts(stage: nn.Module, batch_size: int) -> dict[str, dict]:
     batches = (1, max(1, min(batch_size, MAX_TIMED_BATCH)))
     choices: dict[tuple[int, int], LayoutChoice] = {}
     seen: set[int] = set()
-    for name, layer in dense_layers(stage):
+    for _, layer in dense_layers(stage):
         w = layer.weight
         if id(w) in seen:     # a tied weight shared by two modules is moved once
             continue
