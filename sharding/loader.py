@@ -19,7 +19,6 @@ from safetensors import safe_open
 from torch import nn
 
 from sharding.dist import ParallelGroups
-from sharding.layers.layout import choose_layouts
 from sharding.models import stage_class
 from sharding.plan import ShardPlan
 
@@ -101,7 +100,6 @@ class LoadReport:
     loaded_bytes: int
     tensors: int
     quant: dict | None = None    # sharding.quant.QuantReport.to_dict() when quantized at load
-    layouts: dict | None = None  # dense weight layout per shape, measured at load (sharding.layers.layout)
 
 
 def load_stage(hf_config, plan: ShardPlan, groups: ParallelGroups, model_dir: str | Path,
@@ -150,6 +148,4 @@ def load_stage(hf_config, plan: ShardPlan, groups: ParallelGroups, model_dir: st
     if quantization is not None:   # this rank quantizes only the slices it just loaded
         from sharding.quant import quantize_stage
         report.quant = quantize_stage(stage, quantization, batch_size, where=f"rank {groups.rank}").to_dict()
-    # after quantization: only the layers still dense get a layout (quantized kernels hold their own)
-    report.layouts = choose_layouts(stage, batch_size)
     return stage.eval(), report

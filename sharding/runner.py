@@ -89,7 +89,6 @@ class ModelRunner:
                                         config.quantization, config.max_num_seqs)
         self.loaded_bytes = report.loaded_bytes
         self.quant_report = report.quant   # kernels chosen and bytes held, when quantized
-        self.layouts = report.layouts      # dense weight layout chosen per shape at load
         self.dtype = DTYPES[config.dtype]
         self.num_kv_blocks = num_kv_blocks_for(config, self.plan, self.hf_config)
         self.block_size = config.block_size
