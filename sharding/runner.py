@@ -30,7 +30,7 @@ from scheduler.wire import (
 )
 from sharding import prompt_logprobs
 from sharding.dist import ParallelGroups, pp_recv, pp_send
-from sharding.layers.attention import AttentionGroup, AttentionMetadata
+from sharding.layers.attention import AttentionGroup, AttentionMetadata, GatherWorkspace
 from sharding.loader import DTYPES, load_stage
 from sharding.plan import ShardPlan, load_hf_config
 from sharding.sampler import Sampler, SamplerInput
@@ -100,6 +100,7 @@ class ModelRunner:
                           for _ in self.plan.layers(groups.pp_rank)]
         self.sliding_window = self._sliding_window()
         self.sampler = Sampler(groups.device, config.seed)
+        self.workspace = GatherWorkspace()   # gathered K/V buffers, reused by every layer and step
         self.seqs: dict[int, CachedSequence] = {}
 
     def _sliding_window(self) -> int | None:
@@ -149,7 +150,8 @@ class ModelRunner:
         else:
             groups = [self._group(rows, q_seq, q_off, num_new, num_computed, block_tables)
                       for rows in (decode.nonzero().squeeze(1), (~decode).nonzero().squeeze(1))]
-        return ids, AttentionMetadata(positions=positions, slot_mapping=slot_mapping, groups=groups)
+        return ids, AttentionMetadata(positions=positions, slot_mapping=slot_mapping, groups=groups,
+                                      workspace=self.workspace)
 
     def _group(self, rows, q_seq, q_off, num_new, num_computed, block_tables) -> AttentionGroup:
         """Attention inputs for the sequences `rows` (None: all of them)."""

@@ -60,7 +60,7 @@ class RotaryEmbedding(nn.Module):
         return (emb.cos() * self.scaling).to(dtype)[:, None, :], (emb.sin() * self.scaling).to(dtype)[:, None, :]
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
-    # q: [T, H, D]; k: [T, KV, D]; cos, sin: [T, 1, D]
+def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    # x: [T, heads, D] (queries and keys together: one set of ops instead of two); cos, sin: [T, 1, D]
     cos, sin = rope
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return x * cos + rotate_half(x) * sin

@@ -15,7 +15,7 @@ from sharding.layers.attention import AttentionMetadata, PagedAttention
 from sharding.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from sharding.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from sharding.layers.norm import RMSNorm
-from sharding.layers.rotary import RotaryEmbedding, apply_rotary
+from sharding.layers.rotary import RotaryEmbedding, rotate
 from sharding.plan import ShardPlan
 
 
@@ -36,13 +36,10 @@ class LlamaAttention(nn.Module):
                                    plan.kv_map(groups.tp_rank))
 
     def forward(self, x, kv_cache, meta: AttentionMetadata):
-        # x: [T, hidden] -> qkv: [T, (H + 2 KV) * D / tp]
-        q, k, v = self.qkv_proj(x).split(
-            [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
-        q = q.view(-1, self.heads, self.head_dim)
-        k = k.view(-1, self.kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, meta.rope)
-        out = self.attn(q, k, v.view(-1, self.kv_heads, self.head_dim), kv_cache, meta)
+        # x: [T, hidden] -> qkv: [T, (H + 2 KV) * D / tp]; queries and keys are adjacent: rotate them together
+        qkv = self.qkv_proj(x).view(x.shape[0], self.heads + 2 * self.kv_heads, self.head_dim)
+        q, k = rotate(qkv[:, :self.heads + self.kv_heads], meta.rope).split([self.heads, self.kv_heads], dim=1)
+        out = self.attn(q, k, qkv[:, self.heads + self.kv_heads:], kv_cache, meta)
         return self.o_proj(out)   # all-reduce inside
 
 
