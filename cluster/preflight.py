@@ -100,8 +100,13 @@ class PreflightResult:
 
 def run_preflight(model: str, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                   address: str | None = None, timeout_s: float = 60.0, cpus_per_worker: float | None = None,
-                  use_gpu: bool | None = None) -> PreflightResult:
-    """Check every node the layout will use (see the module docstring); never raises for a broken node."""
+                  use_gpu: bool | None = None, placement_timeout_s: float | None = None) -> PreflightResult:
+    """Check every node the layout will use (see the module docstring); never raises for a broken node.
+
+    `placement_timeout_s` (default: `timeout_s`) bounds the wait for the probes' placement groups, as
+    the engine's own option of that name bounds its wait: a layout the cluster cannot place is not
+    waited on longer in the check than in the engine.
+    """
     from cluster.ray_connect import connect, worker_runtime_env
 
     t0 = time.perf_counter()
@@ -131,11 +136,12 @@ def run_preflight(model: str, tensor_parallel_size: int = 1, pipeline_parallel_s
     groups = [placement_group(list(s.bundles), strategy=s.strategy) for s in specs]
     probes = []
     try:
+        wait_s = min(timeout_s, placement_timeout_s if placement_timeout_s is not None else timeout_s)
         ready, pending = ray.wait([g.ready() for g in groups], num_returns=len(groups),
-                                  timeout=max(0.0, deadline - time.monotonic()))
+                                  timeout=max(0.0, min(deadline - time.monotonic(), wait_s)))
         if pending:
             return PreflightResult([], [f"could not reserve the placement groups of layout {layout} within "
-                                        f"{timeout_s:.0f} s; free CPUs/GPUs or add nodes"], time.perf_counter() - t0)
+                                        f"{wait_s:g} s; free CPUs/GPUs or add nodes"], time.perf_counter() - t0)
         # 2. one probe per rank, in its bundle
         remote = ray.remote(_RankProbe)
         env = worker_runtime_env(REPO_ROOT)
@@ -279,7 +285,7 @@ def preflight_if_multinode(config, address: str | None) -> bool:
             timeout = float(config.preflight_timeout_s)
             result = run_preflight(config.model, config.tensor_parallel_size, config.pipeline_parallel_size,
                                    timeout_s=timeout, cpus_per_worker=config.cpus_per_worker,
-                                   use_gpu=config.use_gpu)
+                                   use_gpu=config.use_gpu, placement_timeout_s=config.placement_timeout_s)
             if result.rows and not all(r.ok for r in result.rows):
                 raise PreflightError(f"pre-flight failed: {result.first_problem()} (skip the check with "
                                      f"LLM(..., preflight=False))\n{result.table()}")
