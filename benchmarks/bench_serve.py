@@ -30,10 +30,7 @@ import asyncio
 import json
 import os
 import pathlib
-import re
 import secrets
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +41,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the r
 from benchmarks import common  # noqa: E402  (first: it sets OpenMP's wait policy before torch loads)
 # isort: on
 
+from benchmarks import serve_process  # noqa: E402
 from benchmarks.workload import Request, make_requests, summary  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -86,41 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def start_server(model: str, args, env: dict, port: int):
-    cmd = [sys.executable, "-m", "cluster.cli", "serve", model, "--port", str(port), "--tensor-parallel-size",
-           str(args.tp), "--pipeline-parallel-size", str(args.pp), "--max-num-seqs", str(args.max_num_seqs),
-           "--cpus-per-worker", str(args.cpus_per_worker), "--max-ongoing-requests", "256",
-           "--max-queued-requests", "256", "--name", "bench"]
-    log = pathlib.Path(env["RAY_TMPDIR"]) / "serve.log"
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    import httpx
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"shardline serve exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    startup = time.perf_counter() - t0
-    while "ray cluster:" not in log.read_text():
-        time.sleep(0.1)
-    address = re.search(r"ray cluster: (\S+)", log.read_text()).group(1)
-    return proc, startup, address
-
-
-def stop_server(proc) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    return serve_process.start(model, port, env, [
+        "--tensor-parallel-size", str(args.tp), "--pipeline-parallel-size", str(args.pp),
+        "--max-num-seqs", str(args.max_num_seqs), "--cpus-per-worker", str(args.cpus_per_worker),
+        "--max-ongoing-requests", "256", "--max-queued-requests", "256", "--name", "bench"])
 
 
 # ------------------------------------------------------------------------------------- HTTP client
@@ -334,7 +301,7 @@ def main(argv=None) -> dict:
         finally:
             llm.shutdown()
     finally:
-        stop_server(proc)
+        serve_process.stop(proc)
     tput = {side: total * len(ts) / sum(ts) for side, ts in times.items()}
     result = {
         "machine": common.machine_line(), "model": model, "workload": summary(reqs),

@@ -27,8 +27,6 @@ import os
 import pathlib
 import re
 import secrets
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,6 +38,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the r
 from benchmarks import common  # noqa: E402  (first: it sets OpenMP's wait policy before torch loads)
 # isort: on
 
+from benchmarks import serve_process  # noqa: E402
 from benchmarks.workload import Request, make_requests, summary  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -68,37 +67,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def start_server(model: str, args, env: dict, port: int, max_restarts: int):
-    cmd = [sys.executable, "-m", "cluster.cli", "serve", model, "--port", str(port), "-tp", str(args.tp),
-           "-pp", str(args.pp), "--cpus-per-worker", str(args.cpus_per_worker), "--max-restarts", str(max_restarts),
-           "--max-ongoing-requests", "256", "--max-queued-requests", "256", "--name", "soak"]
-    log = pathlib.Path(env["RAY_TMPDIR"]) / "serve.log"
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    import httpx
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"shardline serve exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    while "ray cluster:" not in log.read_text():
-        time.sleep(0.1)
-    return proc, re.search(r"ray cluster: (\S+)", log.read_text()).group(1)
-
-
-def stop_server(proc) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """(process, Ray address) of the soaked `shardline serve`."""
+    proc, _, address = serve_process.start(model, port, env, [
+        "-tp", str(args.tp), "-pp", str(args.pp), "--cpus-per-worker", str(args.cpus_per_worker),
+        "--max-restarts", str(max_restarts), "--max-ongoing-requests", "256", "--max-queued-requests", "256",
+        "--name", "soak"])
+    return proc, address
 
 
 def restarts_from_metrics(url: str) -> int:
@@ -257,7 +231,7 @@ def main(argv=None) -> dict:
         restarts = restarts_from_metrics(url)
     finally:
         stop.set()
-        stop_server(proc)
+        serve_process.stop(proc)
     counts = {k: sum(r["outcome"] == k for r in results) for k in ("completed", "mismatch", "errored", "lost")}
     times = sorted(clock.token_times)
     for j, kill in enumerate(kills):   # the longest token gap the clients saw from this kill to the next
