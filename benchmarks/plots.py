@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pathlib
 
-ORDER = ("roofline", "throughput", "serve", "scaling", "memory")
+ORDER = ("roofline", "throughput", "serve", "scaling", "memory", "transport")
 
 
 def _roofline(ax, d: dict) -> None:
@@ -74,6 +74,16 @@ def _memory(ax, d: dict) -> None:
     ax.legend(fontsize=8)
 
 
+def _transport(ax, d: dict) -> None:
+    rows = d["results"]
+    groups = [f"{r['workers']} w, B={r['batch']}" for r in rows]
+    _grouped(ax, groups, {"actor calls": [r["actor_calls_ms"] for r in rows],
+                          "compiled graph": [r["compiled_graph_ms"] for r in rows]})
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_ylabel("ms per step message round trip (median)")
+    ax.set_title("Executor -> worker transport")
+
+
 def _grouped(ax, groups: list[str], series: dict[str, list[float]]) -> None:
     w = 0.8 / max(len(series), 1)
     for j, (label, values) in enumerate(series.items()):
@@ -86,7 +96,8 @@ def _ms(v: float | None) -> float:
     return float("nan") if v is None else 1e3 * v
 
 
-DRAW = {"roofline": _roofline, "throughput": _throughput, "serve": _serve, "scaling": _scaling, "memory": _memory}
+DRAW = {"roofline": _roofline, "throughput": _throughput, "serve": _serve, "scaling": _scaling, "memory": _memory,
+        "transport": _transport}
 
 
 def plot(parts: dict[str, dict | None], path: pathlib.Path) -> bool:

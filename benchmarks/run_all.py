@@ -9,6 +9,7 @@
                                      ITL mean/p50/p99, req/s, output tok/s, failures), saturation vs offline
     scaling     bench_ray.py         layouts PP=2, TP=2/3, DP=2 vs one rank, SmolLM2 and the tiny even-head Llama
     memory      bench_memory.py      per rank: weight bytes, KV-cache bytes, RSS and peak RSS (asked of each worker)
+    transport   bench_transport.py   executor -> worker step messages: per-step actor calls vs Ray Compiled Graphs
 
 Each part runs in its own process (one's threads, memory and Ray never leak into the next) with
 the shared flags passed through. A run writes, for all parts (the default):
@@ -45,7 +46,8 @@ sys.path.insert(0, str(HERE.parent))  # the repo root, for `python benchmarks/..
 from benchmarks import common, plots  # noqa: E402
 
 PARTS = {"roofline": "bench_decode.py", "throughput": "bench_throughput.py", "serve": "bench_serve.py",
-         "scaling": "bench_ray.py", "memory": "bench_memory.py"}
+         "scaling": "bench_ray.py", "memory": "bench_memory.py",
+         "transport": "bench_transport.py"}
 ALIASES = {"decode": "roofline", "ray": "scaling", "all": None}   # earlier names of the parts; all = every part
 
 # Flags the suite gives each part unless --quick (the parts' own defaults fit a standalone run; these keep
@@ -56,6 +58,7 @@ SUITE_DEFAULTS = {
     "serve": ["--num-requests", "64", "--rounds", "1", "--stream-levels", "1", "--latency-requests", "8"],
     "scaling": ["--layouts", "PP=2", "TP=2", "DP=2", "--batches", "1", "32", "64"],
     "memory": [],
+    "transport": ["--steps", "100"],
 }
 # With --quick: each part's own --quick, trimmed further so the whole suite stays near 6 minutes.
 SUITE_QUICK = {
@@ -64,6 +67,7 @@ SUITE_QUICK = {
     "serve": ["--quick", "--stream-levels", "--rates", "1", "2", "inf"],
     "scaling": ["--quick"],
     "memory": ["--quick", "--layouts", "PP=2", "TP=2"],
+    "transport": ["--quick"],
 }
 # Parts whose scripts pick their models with --models (smollm2 / tiny) rather than one --model.
 MULTI_MODEL = {"scaling", "memory"}
@@ -135,6 +139,15 @@ def summary_rows(parts: dict[str, dict | None]) -> list[tuple[str, str, str]]:
                 mb = lambda key, ranks=lay["ranks"]: max(k[key] for k in ranks) / 1e6
                 rows.append(("memory", f"{r['model']} {lay['layout']}, largest rank: weights / KV cache / peak RSS "
                              "(MB)", f"{mb('weight_bytes'):.1f} / {mb('kv_cache_bytes'):.1f} / {mb('peak_rss'):.0f}"))
+    if d := parts.get("transport"):
+        widest = max(x["workers"] for x in d["results"])
+        for r in d["results"]:
+            if r["workers"] == widest:
+                share = "" if r.get("model_step_ms") is None else (
+                    f"; {100 * r['actor_calls_ms'] / r['model_step_ms']:.1f} % of a 1-rank decode step")
+                rows.append(("transport", f"{r['workers']} workers B={r['batch']}: actor calls / compiled graph "
+                             "per step", f"{r['actor_calls_ms'] / r['compiled_graph_ms']:.2f}x "
+                             f"({r['actor_calls_ms']:.2f} vs {r['compiled_graph_ms']:.2f} ms{share})"))
     return rows
 
 

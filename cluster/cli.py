@@ -5,7 +5,8 @@
                        [--seed S] [--json] [--quantization M] [PROMPT | - ...]     (- or a pipe: prompts from stdin)
     shardline preflight --model DIR [--tensor-parallel-size T] [--pipeline-parallel-size P] [--address A]
     shardline quantize MODEL OUT --method {int8,int4,int4-g32,int4-g64,int4-g128,w8a8}
-    shardline bench [roofline|throughput|serve|scaling|memory|all ...] [--quick] [--tiny] ...   (benchmarks/run_all.py)
+    shardline bench [roofline|throughput|serve|scaling|memory|transport|all ...] [--quick] [--tiny] ...
+                                                                   (benchmarks/run_all.py)
 
 Each subcommand is one `_add_<name>(subparsers)` function that declares its arguments and sets
 `func` to a `_run_<name>(args) -> int` handler; `main` only dispatches. Handlers import their
@@ -208,7 +209,7 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     # and checks them, so the suite's options are declared once
     parser = subparsers.add_parser(
         "bench", add_help=False,
-        help="run the benchmark suite: roofline, throughput, serve, scaling, memory (`shardline bench -h`)",
+        help="run the benchmark suite: roofline, throughput, serve, scaling, memory, transport (`shardline bench -h`)",
         description="Run benchmarks/run_all.py from this source checkout with the given arguments.",
     )
     parser.set_defaults(func=_run_bench, passthrough=True)

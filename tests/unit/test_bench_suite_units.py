@@ -61,6 +61,10 @@ def _parts() -> dict:
                                                               "32": {"single": 0.05, "PP=2": 0.04}}}]},
         "memory": {"results": [{"model": "tiny", "layouts": [{"layout": "PP=2", "ranks": [rank, {**rank,
                                                                                              "pp_rank": 1}]}]}]},
+        "transport": {"results": [
+            {"workers": 1, "batch": 1, "actor_calls_ms": 1.0, "compiled_graph_ms": 0.4, "model_step_ms": 60.0},
+            {"workers": 4, "batch": 1, "actor_calls_ms": 3.0, "compiled_graph_ms": 1.0, "model_step_ms": 60.0},
+            {"workers": 4, "batch": 64, "actor_calls_ms": 3.0, "compiled_graph_ms": 1.5, "model_step_ms": None}]},
     }
 
 
@@ -73,8 +77,11 @@ def test_summary_and_figure_cover_every_part(tmp_path):
     assert ("throughput", "offline tokens/s vs HF static batches of 4, 8 requests",
             "2.50x (100.0 vs 40.0 tok/s)") in rows
     assert ("scaling", "tiny B=32: single-rank step / PP=2 step (>1: faster)", "1.25") in rows
+    assert ("transport", "4 workers B=1: actor calls / compiled graph per step",
+            "3.00x (3.00 vs 1.00 ms; 5.0 % of a 1-rank decode step)") in rows
+    assert len([r for r in rows if r[0] == "transport"]) == 2   # the largest replica's rows only
     assert plots.plot(parts, tmp_path / "all.png")
-    assert matplotlib.image.imread(tmp_path / "all.png").shape[:2] == (960, 1800)   # 2 rows x 3 panels
+    assert matplotlib.image.imread(tmp_path / "all.png").shape[:2] == (960, 1800)   # 2 rows x 3 panels (6 parts)
     assert not plots.plot({"roofline": None}, tmp_path / "none.png") and not (tmp_path / "none.png").exists()
 
 
