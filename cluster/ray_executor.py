@@ -22,10 +22,12 @@ raised exception or a rank still busy at the deadline fails that replica, named 
 pid and cause, and its other workers are killed at once so nothing hangs; the other replicas'
 results are still collected.
 
-Recovery (`cluster.ray_recovery`): a failed replica is rebuilt by steps 4-8, then `execute`
-raises `ReplicasRestartedError` with the healthy replicas' outputs and the engine recomputes the
-rebuilt replica's sequences. At most `max_restarts` rebuilds over the executor's life; past it,
-or if a rebuild fails, `EngineDeadError` with both causes and the executor is dead.
+Recovery (`cluster.ray_recovery`): `execute` raises `ReplicasFailedError` at once with the
+healthy replicas' outputs, and the failed replica is rebuilt in a background thread (its own
+placement groups kept, steps 5-8 again) while the other replicas keep serving; `ready_replicas`
+says which replicas take steps, `take_recoveries` reports finished rebuilds. At most
+`max_restarts` rebuilds over the executor's life; past it, or if a rebuild fails, the executor is
+dead and the engine gets `EngineDeadError` with both causes.
 
 Options (`EngineConfig` fields, so `LLM(...)` keywords; all optional):
     cpus_per_worker     CPUs each worker reserves (default: min(1, free CPUs / workers))
@@ -68,9 +70,10 @@ from cluster.ray_workers import (
     reserve_placement_groups,
     spawn_worker,
     strategy_for,
+    wait_placed,
 )
 from scheduler.config import EngineConfig
-from scheduler.executor import EngineDeadError, ReplicasRestartedError
+from scheduler.executor import EngineDeadError, ReplicaFailure, ReplicaRecovery, ReplicasFailedError
 from scheduler.wire import NewSequence, ScheduledSequence, SeqSampling, StepInput, StepOutput
 
 __all__ = ["ExistingGroup", "PlacementTimeoutError", "RayExecutor"]
@@ -105,10 +108,12 @@ class RayExecutor:
         self.dead: str | None = None
         self.recovery = Recovery(self)                                   # restart budget, rebuilds
         self.start_phases_s: dict[str, float] = {}                       # of the last (re)start, for logs
-        self._closed = False
+        self.closed = False
+        self._generation = 0                                             # rebuilds so far: new actor names
         try:
             self._start(address)
-        except BaseException:
+        except BaseException as e:
+            self.dead = str(e)
             self.shutdown()
             raise
 
@@ -129,32 +134,51 @@ class RayExecutor:
         #    group was reserved by its owner, who sized its bundles with `cpus_per_worker`)
         self.layout = self._check_resources() if self.placement is None else self._layout_for({})
         # 4-8. per replica: placement groups, actors, rendezvous + load, warm-up
-        self.worker_info = self.start_replicas(list(range(self.num_replicas)))
+        self.worker_info, self.start_phases_s = self.start_replicas(list(range(self.num_replicas)))
         self.num_kv_blocks = min(info["num_kv_blocks"] for info in self.worker_info)
         logger.info("RayExecutor %s ready in %.1f s: %d workers x %s CPU, %d KV blocks per replica",
                     self.layout, time.perf_counter() - t0, self.layout.num_workers, self.layout.cpus_per_worker,
                     self.num_kv_blocks)
 
-    def start_replicas(self, replicas: list[int]) -> list[dict]:
+    def start_replicas(self, replicas: list[int]) -> tuple[list[dict], dict[str, float]]:
+        """Steps 4-8 for these replicas -> (what each rank's init returned, seconds per phase)."""
         t = [time.monotonic()]
-        # 4. placement groups, bounded wait (unless the workers go into an existing group);
+        # 4. placement groups, bounded wait (unless the workers go into an existing group): new ones
+        #    at start-up; a rebuilt replica keeps its own (Ray re-places the bundles of a dead node).
         #    layer_split="auto" is then sized for the nodes the groups landed on
         if self.placement is None:
             timeout = float(self.config.placement_timeout_s)
-            self.groups.update(reserve_placement_groups(self.layout, replicas, self.name_prefix, timeout))
+            kept = {k: g for k, g in self.groups.items() if k[0] in replicas}
+            if kept:
+                wait_placed(self.layout, kept, timeout, lambda: self.closed)
+            else:
+                self.groups.update(reserve_placement_groups(self.layout, replicas, self.name_prefix, timeout))
         self.config = resolve_layer_split(self.config, self.groups)
         self.plan = plan_for(self.config)
         t.append(time.monotonic())
-        # 5. one actor per rank, pinned to its bundle
+        # 5. one actor per rank, pinned to its bundle; 6 + 7. rendezvous on an ephemeral port, each
+        #    rank loads only its shard
         self._spawn_workers(replicas)
-        # 6 + 7. rendezvous on an ephemeral port; each rank loads only its shard
-        infos = self._rendezvous_and_load(replicas)
+        infos = self._rendezvous_and_load(replicas, t)
         t.append(time.monotonic())
         # 8. warm-up: one tiny step through each pipeline
         self._warm_up(replicas)
         t.append(time.monotonic())
-        self.start_phases_s = {"placement": t[1] - t[0], "actors+load": t[2] - t[1], "warm-up": t[3] - t[2]}
-        return infos
+        phases = {"placement": t[1] - t[0], "actors": t[2] - t[1], "load": t[3] - t[2], "warm-up": t[4] - t[3]}
+        for part in ("import", "rendezvous", "load"):   # inside "load": the slowest rank's parts
+            phases[f"  rank {part}"] = max(info["seconds"][part] for info in infos)
+        return infos, phases
+
+    def rebuild_replica(self, replica: int) -> tuple[list[dict], dict[str, float]]:
+        """Recovery: new actors for one replica (its old ones are killed) in its kept placement groups.
+        Runs on a rebuild thread (`cluster.ray_recovery`); touches only this replica's workers."""
+        self.kill_replica(replica)
+        for rank in self.ranks:
+            if rank.replica == replica:
+                self.workers[rank.global_rank] = None
+        infos, phases = self.start_replicas([replica])
+        self.start_phases_s = phases
+        return infos, phases
 
     def _connect(self, address: str | None) -> None:
         """Step 2. Reuse an initialized Ray; else join `address`/RAY_ADDRESS; else start a local one."""
@@ -198,20 +222,23 @@ class RayExecutor:
     def _spawn_workers(self, replicas: list[int]) -> None:
         """Step 5. One actor per rank, pinned to its bundle (see `ray_workers.strategy_for`)."""
         runtime_env = worker_runtime_env(REPO_ROOT)
+        self._generation += 1   # a killed actor's name may still be taken for a moment
         for rank in self.ranks:
             if rank.replica in replicas:
                 strategy = strategy_for(rank, self.groups, self.placement)
-                self.workers[rank.global_rank] = spawn_worker(rank, self.layout, strategy, runtime_env,
-                                                              f"{self.name_prefix}-rank{rank.global_rank}")
+                name = f"{self.name_prefix}-rank{rank.global_rank}-g{self._generation}"
+                self.workers[rank.global_rank] = spawn_worker(rank, self.layout, strategy, runtime_env, name)
 
-    def _rendezvous_and_load(self, replicas: list[int]) -> list[dict]:
-        """Steps 6-7. Every rank of a replica calls init together; all replicas load in parallel."""
+    def _rendezvous_and_load(self, replicas: list[int], times: list[float]) -> list[dict]:
+        """Steps 6-7. Every rank of a replica calls init together; all replicas load in parallel.
+        Appends to `times` when every actor has started."""
         cfg = self.config
         deadline = time.monotonic() + self._startup_timeout()
         # where every worker runs (also proves each actor started)
         where = {w.actor.where.remote(): w for w in self._workers_of(replicas)}
         for w, info in zip(where.values(), self._wait(where, deadline, "start"), strict=True):
             w.node_id, w.node_ip, w.pid = info["node_id"], info["node_ip"], info["pid"]
+        times.append(time.monotonic())
         inits = {}
         for replica in replicas:
             workers = self._workers_of([replica])
@@ -241,23 +268,40 @@ class RayExecutor:
     def execute(self, steps: list[StepInput]) -> list[StepOutput]:
         """Run every micro-batch; one `StepOutput` per input, same order (see `cluster.ray_steps`).
 
-        A replica whose rank died, raised or missed the step deadline is rebuilt and
-        `ReplicasRestartedError` carries the other replicas' outputs (see `cluster.ray_recovery`).
+        A replica whose rank died, raised or missed the step deadline starts its rebuild in the
+        background and `ReplicasFailedError` carries the other replicas' outputs (see
+        `cluster.ray_recovery`).
         """
-        if self.dead is not None or self._closed:
+        if self.dead is not None or self.closed:
             raise EngineDeadError(self.dead or "the executor was shut down")
-        bad = [s.replica for s in steps if not 0 <= s.replica < self.num_replicas]
+        ready = self.recovery.ready
+        bad = [s.replica for s in steps if s.replica not in ready]
         if bad:
-            raise ValueError(f"StepInput.replica={bad[0]} is out of range(num_replicas={self.num_replicas})")
+            why = "is being rebuilt" if 0 <= bad[0] < self.num_replicas else f"is out of range({self.num_replicas})"
+            raise ValueError(f"StepInput.replica={bad[0]} {why}: schedule only executor.ready_replicas "
+                             f"({sorted(ready)})")
         refs, out_refs = submit(steps, self._workers_of, self.layout.pp - 1)
         values: dict = {}
         failures = collect(refs, values, time.monotonic() + self.step_timeout_s, "step",
                            f"step_timeout_s={self.step_timeout_s:g}", self._failure)
-        outputs = [None if step.replica in failures else decode(step, ref, values, refs, self._fail)
+        outputs = [None if step.replica in failures else decode(step, ref, values, refs, self._fail_step)
                    for step, ref in zip(steps, out_refs, strict=True)]
         if failures:
-            raise ReplicasRestartedError(self.recovery.recover(failures), outputs)
+            self.recovery.start(failures)
+            raise ReplicasFailedError([ReplicaFailure(f.replica, f.cause, f.detected_at) for f in failures.values()],
+                                      outputs)
         return outputs
+
+    @property
+    def ready_replicas(self) -> frozenset[int]:
+        """Replicas that take steps now; the others are being rebuilt (see `cluster.ray_recovery`)."""
+        return self.recovery.ready
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        return self.recovery.wait_ready(timeout_s)
+
+    def take_recoveries(self) -> list[ReplicaRecovery]:
+        return self.recovery.take_recoveries()
 
     @property
     def step_timeout_s(self) -> float:
@@ -269,20 +313,20 @@ class RayExecutor:
         return self.recovery.restarts
 
     def _run(self, steps: list[StepInput], deadline: float, what: str) -> list[StepOutput]:
-        """Start-up steps (warm-up): any failure is fatal."""
+        """Start-up steps (warm-up): any failure fails the start (or the rebuild)."""
         refs, out_refs = submit(steps, self._workers_of, self.layout.pp - 1)
         values = dict(zip(refs, self._wait(refs, deadline, what), strict=True))
         return [decode(step, ref, values, refs, self._fail) for step, ref in zip(steps, out_refs, strict=True)]
 
     def _wait(self, refs: dict, deadline: float, what: str) -> list:
         """Results of `refs` (ref -> worker) in order; EngineDeadError on the first failure or at the deadline."""
-        return wait_all(refs, deadline, what, f"collective_timeout_s={self.config.collective_timeout_s}", self._fail)
+        return wait_all(refs, deadline, what, f"collective_timeout_s={self.config.collective_timeout_s}", self._fail,
+                        lambda: self.closed)
 
     def _failure(self, workers: list[Worker], cause: str, exc: BaseException | None) -> Failure:
-        names = "; ".join(w.describe() for w in workers[:4]) + (" ..." if len(workers) > 4 else "")
         replica = workers[0].rank.replica
         self.kill_replica(replica)   # ray.kill also ends a rank blocked in a gloo recv or SIGSTOPped
-        failure = Failure(replica, f"{names} {cause}", time.monotonic(), exc)
+        failure = Failure(replica, f"{_names(workers)} {cause}", time.monotonic(), exc)
         logger.error("replica %d failed: %s", replica, failure.cause)
         return failure
 
@@ -292,12 +336,17 @@ class RayExecutor:
         raise EngineDeadError(message) from exc
 
     def _fail(self, workers: list[Worker], cause: str, exc: BaseException | None = None):
-        """Mark the executor dead, kill the failed replicas' workers, raise EngineDeadError."""
-        names = "; ".join(w.describe() for w in workers[:4]) + (" ..." if len(workers) > 4 else "")
-        self.dead = f"{names} {cause}"
+        """A start-up (or rebuild) wait failed: kill the failed replicas' workers, raise EngineDeadError.
+        The caller decides whether that ends the executor (start-up) or uses a restart (rebuild)."""
         for replica in sorted({w.rank.replica for w in workers}):
             self.kill_replica(replica)
-        raise EngineDeadError(self.dead) from exc
+        raise EngineDeadError(f"{_names(workers)} {cause}") from exc
+
+    def _fail_step(self, workers: list[Worker], cause: str, exc: BaseException | None = None):
+        """A step broke the protocol (no output from the sampling rank): the executor is dead."""
+        for replica in sorted({w.rank.replica for w in workers}):
+            self.kill_replica(replica)
+        self.die(f"{_names(workers)} {cause}", exc)
 
     # ------------------------------------------------------------------ shutdown
 
@@ -308,9 +357,10 @@ class RayExecutor:
 
     def shutdown(self) -> None:
         """Kill every actor, remove every placement group we made, disconnect if we connected. Idempotent."""
-        if self._closed:
+        if self.closed:
             return
-        self._closed = True
+        self.closed = True
+        self.recovery.join(timeout_s=5.0)   # rebuild threads notice `closed` within a poll
         if not ray.is_initialized():
             return
         alive = [w for w in self.workers if w is not None]
@@ -343,3 +393,7 @@ class RayExecutor:
     def node_ids(self) -> dict[tuple[int, int, int], str]:
         """(replica, pp_rank, tp_rank) -> Ray node id, as reported by each worker."""
         return {(w.rank.replica, w.rank.pp_rank, w.rank.tp_rank): w.node_id for w in self.workers if w}
+
+
+def _names(workers: list[Worker]) -> str:
+    return "; ".join(w.describe() for w in workers[:4]) + (" ..." if len(workers) > 4 else "")
