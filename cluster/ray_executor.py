@@ -51,6 +51,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 
 import ray
@@ -222,11 +223,12 @@ class RayExecutor:
     def _spawn_workers(self, replicas: list[int]) -> None:
         """Step 5. One actor per rank, pinned to its bundle (see `ray_workers.strategy_for`)."""
         runtime_env = worker_runtime_env(REPO_ROOT)
-        self._generation += 1   # a killed actor's name may still be taken for a moment
+        gen = f"-g{self._generation}" if self._generation else ""   # a killed actor's name stays taken a moment
+        self._generation += 1
         for rank in self.ranks:
             if rank.replica in replicas:
                 strategy = strategy_for(rank, self.groups, self.placement)
-                name = f"{self.name_prefix}-rank{rank.global_rank}-g{self._generation}"
+                name = f"{self.name_prefix}{gen}-rank{rank.global_rank}"
                 self.workers[rank.global_rank] = spawn_worker(rank, self.layout, strategy, runtime_env, name)
 
     def _rendezvous_and_load(self, replicas: list[int], times: list[float]) -> list[dict]:
@@ -284,7 +286,8 @@ class RayExecutor:
         values: dict = {}
         failures = collect(refs, values, time.monotonic() + self.step_timeout_s, "step",
                            f"step_timeout_s={self.step_timeout_s:g}", self._failure)
-        outputs = [None if step.replica in failures else decode(step, ref, values, refs, self._fail_step)
+        fatal = partial(self._fail, fatal=True)
+        outputs = [None if step.replica in failures else decode(step, ref, values, refs, fatal)
                    for step, ref in zip(steps, out_refs, strict=True)]
         if failures:
             self.recovery.start(failures)
@@ -335,18 +338,14 @@ class RayExecutor:
         logger.error("engine dead: %s", message)
         raise EngineDeadError(message) from exc
 
-    def _fail(self, workers: list[Worker], cause: str, exc: BaseException | None = None):
-        """A start-up (or rebuild) wait failed: kill the failed replicas' workers, raise EngineDeadError.
-        The caller decides whether that ends the executor (start-up) or uses a restart (rebuild)."""
+    def _fail(self, workers: list[Worker], cause: str, exc: BaseException | None = None, fatal: bool = False):
+        """Kill the failed replicas' workers, raise EngineDeadError: a start-up wait (the caller decides
+        whether that ends the executor or uses a restart), or a step that broke the protocol (`fatal`)."""
         for replica in sorted({w.rank.replica for w in workers}):
             self.kill_replica(replica)
+        if fatal:
+            self.die(f"{_names(workers)} {cause}", exc)
         raise EngineDeadError(f"{_names(workers)} {cause}") from exc
-
-    def _fail_step(self, workers: list[Worker], cause: str, exc: BaseException | None = None):
-        """A step broke the protocol (no output from the sampling rank): the executor is dead."""
-        for replica in sorted({w.rank.replica for w in workers}):
-            self.kill_replica(replica)
-        self.die(f"{_names(workers)} {cause}", exc)
 
     # ------------------------------------------------------------------ shutdown
 
