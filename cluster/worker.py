@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import ray
@@ -39,10 +38,6 @@ class ShardWorker:
         self.runner = None   # sharding.runner.ModelRunner, after init
         self.num_steps = 0
         self.fault: tuple[str, int] | None = None   # test hook, see inject_fault
-        # `init` needs transformers (the HF config, rope init) - seconds of imports; start them now,
-        # while the executor waits for the replica's other ranks to start (`init` joins this thread)
-        self._imports = threading.Thread(target=_prefetch_imports, name="shardline-imports", daemon=True)
-        self._imports.start()
 
     def where(self) -> dict:
         """Where this rank runs (for placement checks and error messages)."""
@@ -62,7 +57,6 @@ class ShardWorker:
         where the rank runs) and how long each part took, in seconds.
         """
         t0 = time.perf_counter()
-        self._imports.join()
         from sharding.dist import init_replica
         from sharding.runner import ModelRunner
 
@@ -124,15 +118,3 @@ class ShardWorker:
         if self.groups is not None:
             self.groups.destroy()
             self.groups = None
-
-
-def _prefetch_imports() -> None:
-    """What `init` imports (the import lock makes `init` wait for a module half-imported here)."""
-    try:
-        import transformers.activations  # noqa: F401 - the bulk of what a model's config module imports
-        import transformers.modeling_rope_utils  # noqa: F401 - sharding.layers.rotary
-        from transformers import AutoConfig  # noqa: F401 - sharding.plan.load_hf_config
-
-        import sharding.runner  # noqa: F401
-    except Exception:   # noqa: BLE001 - `init` imports them again and reports the error
-        pass
