@@ -19,7 +19,7 @@ from cluster.llm import LLM
 from scheduler.sampling_params import SamplingParams
 from tests.ray.common import mixed_prompts
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(360)]
 
 PROMPTS = mixed_prompts(vocab=509, lengths=(3, 17, 7, 12, 25, 5))
 PARAMS = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
