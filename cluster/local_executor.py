@@ -7,13 +7,13 @@ the wire is exercised exactly as with remote workers.
 from __future__ import annotations
 
 from scheduler.config import EngineConfig
-from scheduler.executor import EngineDeadError
+from scheduler.executor import EngineDeadError, NeverRebuilds
 from scheduler.wire import StepInput, StepOutput, decode_step_output, encode_step_input
 from sharding.dist import init_single_rank
 from sharding.runner import ModelRunner
 
 
-class LocalExecutor:
+class LocalExecutor(NeverRebuilds):
     """`Executor` over a single in-process `ModelRunner` (T = P = D = 1)."""
 
     def __init__(self, config: EngineConfig) -> None:

@@ -16,23 +16,18 @@ groups and actors are made by `cluster.ray_workers`; naming the rank that failed
 `cluster.ray_failures`. With `placement=ExistingGroup(group)` (a Serve replica) steps 3-4 are
 skipped: the workers go into bundles 1.. of a group the caller reserved, and shutdown leaves it.
 
-Per `execute(steps)`: every `StepInput` is encoded once and sent to every worker of its replica
-at once, so up to P micro-batches are in the pipeline together; Ray runs each actor's calls in
-submission order, so every rank sees the micro-batches in the same order and the stages' send
-and recv pairs match. The sampling rank (last stage, TP rank 0) returns the `StepOutput`; the
-other ranks' results are awaited too so that an error anywhere surfaces. Waiting is a
-`ray.wait` loop with a deadline (`step_timeout_s`), replica by replica: a dead actor, a raised
-exception or a rank still busy at the deadline (hung, SIGSTOPped) fails that replica, named by
-rank, node, pid and cause, and its other workers (possibly blocked in a gloo recv from the dead
-one) are killed at once so nothing hangs; the other replicas' results are still collected.
+Per `execute(steps)`: `cluster.ray_steps` sends every micro-batch to every worker of its replica
+and collects the results with a deadline (`step_timeout_s`), replica by replica: a dead actor, a
+raised exception or a rank still busy at the deadline fails that replica, named by rank, node,
+pid and cause, and its other workers are killed at once so nothing hangs; the other replicas'
+results are still collected.
 
-Recovery: a failed replica is torn down (actors killed, its own placement groups removed - an
-ExistingGroup stays and its bundles are reused) and rebuilt by steps 4-8 (placement waits up to
-`placement_timeout_s` for capacity to come back), then `execute` raises
-`ReplicasRestartedError` with the healthy replicas' outputs and the engine recomputes the rebuilt
-replica's sequences. At most `max_restarts` rebuilds over the executor's life; past it, or if a
-rebuild fails, `EngineDeadError` with both causes and the executor is dead. Each failure and
-rebuild is logged (rank, cause, time to rebuild and its phases).
+Recovery (`cluster.ray_recovery`): `execute` raises `ReplicasFailedError` at once with the
+healthy replicas' outputs, and the failed replica is rebuilt in a background thread (its own
+placement groups kept, steps 5-8 again) while the other replicas keep serving; `ready_replicas`
+says which replicas take steps, `take_recoveries` reports finished rebuilds. At most
+`max_restarts` rebuilds over the executor's life; past it, or if a rebuild fails, the executor is
+dead and the engine gets `EngineDeadError` with both causes.
 
 Options (`EngineConfig` fields, so `LLM(...)` keywords; all optional):
     cpus_per_worker     CPUs each worker reserves (default: min(1, free CPUs / workers))
@@ -56,17 +51,17 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import ray
-from ray.exceptions import RayError
 from ray.util.placement_group import PlacementGroup
 
 from cluster.layer_split import plan_for, resolve_layer_split
 from cluster.placement import Layout, ResourceError, check_resources, default_cpu_share, rank_grid
 from cluster.ray_connect import connect, worker_runtime_env
-from cluster.ray_failures import describe_failure, gather_peer_errors
+from cluster.ray_recovery import Recovery
+from cluster.ray_steps import Failure, collect, decode, submit, wait_all
 from cluster.ray_workers import (
     ExistingGroup,
     PlacementTimeoutError,
@@ -76,37 +71,18 @@ from cluster.ray_workers import (
     reserve_placement_groups,
     spawn_worker,
     strategy_for,
+    wait_placed,
 )
 from scheduler.config import EngineConfig
-from scheduler.executor import EngineDeadError, ReplicaRecovery, ReplicasRestartedError
-from scheduler.wire import (
-    NewSequence,
-    ScheduledSequence,
-    SeqSampling,
-    StepInput,
-    StepOutput,
-    decode_step_output,
-    encode_step_input,
-)
+from scheduler.executor import EngineDeadError, ReplicaFailure, ReplicaRecovery, ReplicasFailedError
+from scheduler.wire import NewSequence, ScheduledSequence, SeqSampling, StepInput, StepOutput
 
 __all__ = ["ExistingGroup", "PlacementTimeoutError", "RayExecutor"]
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent   # holds cluster/, sharding/, scheduler/
-INLINE_LIMIT = 100 * 1024       # bigger step messages go through the object store once, not once per rank
-POLL_S = 0.2                    # how often a wait loop looks for failed ranks
 WARMUP_SEQ_ID = -1              # never a real request's id
-
-
-@dataclass
-class Failure:
-    """A replica that failed a step: the cause names the rank(s), node and pid."""
-
-    replica: int
-    cause: str
-    detected_at: float                  # time.monotonic()
-    exc: BaseException | None
 
 
 class RayExecutor:
@@ -130,13 +106,15 @@ class RayExecutor:
         self.layout: Layout | None = None
         self.started_ray = False
         self.name_prefix = f"shardline-{uuid.uuid4().hex[:8]}"
-        self._dead: str | None = None
-        self.restarts = 0                                                # replica rebuilds so far
+        self.dead: str | None = None
+        self.recovery = Recovery(self)                                   # restart budget, rebuilds
         self.start_phases_s: dict[str, float] = {}                       # of the last (re)start, for logs
-        self._closed = False
+        self.closed = False
+        self._generation = 0                                             # rebuilds so far: new actor names
         try:
             self._start(address)
-        except BaseException:
+        except BaseException as e:
+            self.dead = str(e)
             self.shutdown()
             raise
 
@@ -157,32 +135,51 @@ class RayExecutor:
         #    group was reserved by its owner, who sized its bundles with `cpus_per_worker`)
         self.layout = self._check_resources() if self.placement is None else self._layout_for({})
         # 4-8. per replica: placement groups, actors, rendezvous + load, warm-up
-        self.worker_info = self._start_replicas(list(range(self.num_replicas)))
+        self.worker_info, self.start_phases_s = self.start_replicas(list(range(self.num_replicas)))
         self.num_kv_blocks = min(info["num_kv_blocks"] for info in self.worker_info)
         logger.info("RayExecutor %s ready in %.1f s: %d workers x %s CPU, %d KV blocks per replica",
                     self.layout, time.perf_counter() - t0, self.layout.num_workers, self.layout.cpus_per_worker,
                     self.num_kv_blocks)
 
-    def _start_replicas(self, replicas: list[int]) -> list[dict]:
+    def start_replicas(self, replicas: list[int]) -> tuple[list[dict], dict[str, float]]:
+        """Steps 4-8 for these replicas -> (what each rank's init returned, seconds per phase)."""
         t = [time.monotonic()]
-        # 4. placement groups, bounded wait (unless the workers go into an existing group);
+        # 4. placement groups, bounded wait (unless the workers go into an existing group): new ones
+        #    at start-up; a rebuilt replica keeps its own (Ray re-places the bundles of a dead node).
         #    layer_split="auto" is then sized for the nodes the groups landed on
         if self.placement is None:
             timeout = float(self.config.placement_timeout_s)
-            self.groups.update(reserve_placement_groups(self.layout, replicas, self.name_prefix, timeout))
+            kept = {k: g for k, g in self.groups.items() if k[0] in replicas}
+            if kept:
+                wait_placed(self.layout, kept, timeout, lambda: self.closed)
+            else:
+                self.groups.update(reserve_placement_groups(self.layout, replicas, self.name_prefix, timeout))
         self.config = resolve_layer_split(self.config, self.groups)
         self.plan = plan_for(self.config)
         t.append(time.monotonic())
-        # 5. one actor per rank, pinned to its bundle
+        # 5. one actor per rank, pinned to its bundle; 6 + 7. rendezvous on an ephemeral port, each
+        #    rank loads only its shard
         self._spawn_workers(replicas)
-        # 6 + 7. rendezvous on an ephemeral port; each rank loads only its shard
-        infos = self._rendezvous_and_load(replicas)
+        infos = self._rendezvous_and_load(replicas, t)
         t.append(time.monotonic())
         # 8. warm-up: one tiny step through each pipeline
         self._warm_up(replicas)
         t.append(time.monotonic())
-        self.start_phases_s = {"placement": t[1] - t[0], "actors+load": t[2] - t[1], "warm-up": t[3] - t[2]}
-        return infos
+        phases = {"placement": t[1] - t[0], "actors": t[2] - t[1], "load": t[3] - t[2], "warm-up": t[4] - t[3]}
+        for part in ("import", "rendezvous", "load"):   # inside "load": the slowest rank's parts
+            phases[f"  rank {part}"] = max(info["seconds"][part] for info in infos)
+        return infos, phases
+
+    def rebuild_replica(self, replica: int) -> tuple[list[dict], dict[str, float]]:
+        """Recovery: new actors for one replica (its old ones are killed) in its kept placement groups.
+        Runs on a rebuild thread (`cluster.ray_recovery`); touches only this replica's workers."""
+        self.kill_replica(replica)
+        for rank in self.ranks:
+            if rank.replica == replica:
+                self.workers[rank.global_rank] = None
+        infos, phases = self.start_replicas([replica])
+        self.start_phases_s = phases
+        return infos, phases
 
     def _connect(self, address: str | None) -> None:
         """Step 2. Reuse an initialized Ray; else join `address`/RAY_ADDRESS; else start a local one."""
@@ -226,20 +223,24 @@ class RayExecutor:
     def _spawn_workers(self, replicas: list[int]) -> None:
         """Step 5. One actor per rank, pinned to its bundle (see `ray_workers.strategy_for`)."""
         runtime_env = worker_runtime_env(REPO_ROOT)
+        gen = f"-g{self._generation}" if self._generation else ""   # a killed actor's name stays taken a moment
+        self._generation += 1
         for rank in self.ranks:
             if rank.replica in replicas:
                 strategy = strategy_for(rank, self.groups, self.placement)
-                self.workers[rank.global_rank] = spawn_worker(rank, self.layout, strategy, runtime_env,
-                                                              f"{self.name_prefix}-rank{rank.global_rank}")
+                name = f"{self.name_prefix}{gen}-rank{rank.global_rank}"
+                self.workers[rank.global_rank] = spawn_worker(rank, self.layout, strategy, runtime_env, name)
 
-    def _rendezvous_and_load(self, replicas: list[int]) -> list[dict]:
-        """Steps 6-7. Every rank of a replica calls init together; all replicas load in parallel."""
+    def _rendezvous_and_load(self, replicas: list[int], times: list[float]) -> list[dict]:
+        """Steps 6-7. Every rank of a replica calls init together; all replicas load in parallel.
+        Appends to `times` when every actor has started."""
         cfg = self.config
         deadline = time.monotonic() + self._startup_timeout()
         # where every worker runs (also proves each actor started)
         where = {w.actor.where.remote(): w for w in self._workers_of(replicas)}
         for w, info in zip(where.values(), self._wait(where, deadline, "start"), strict=True):
             w.node_id, w.node_ip, w.pid = info["node_id"], info["node_ip"], info["pid"]
+        times.append(time.monotonic())
         inits = {}
         for replica in replicas:
             workers = self._workers_of([replica])
@@ -267,204 +268,102 @@ class RayExecutor:
     # ------------------------------------------------------------------ steps
 
     def execute(self, steps: list[StepInput]) -> list[StepOutput]:
-        """Run every micro-batch; one `StepOutput` per input, same order (see the module docstring).
+        """Run every micro-batch; one `StepOutput` per input, same order (see `cluster.ray_steps`).
 
-        A replica whose rank died, raised or missed the step deadline is rebuilt and
-        `ReplicasRestartedError` carries the other replicas' outputs (see "Recovery" above).
+        A replica whose rank died, raised or missed the step deadline starts its rebuild in the
+        background and `ReplicasFailedError` carries the other replicas' outputs (see
+        `cluster.ray_recovery`).
         """
-        if self._dead is not None or self._closed:
-            raise EngineDeadError(self._dead or "the executor was shut down")
-        bad = [s.replica for s in steps if not 0 <= s.replica < self.num_replicas]
+        if self.dead is not None or self.closed:
+            raise EngineDeadError(self.dead or "the executor was shut down")
+        ready = self.recovery.ready
+        bad = [s.replica for s in steps if s.replica not in ready]
         if bad:
-            raise ValueError(f"StepInput.replica={bad[0]} is out of range(num_replicas={self.num_replicas})")
-        values, refs, out_refs = self._submit(steps)
-        failures = self._collect(refs, values, time.monotonic() + self.step_timeout_s, "step")
-        outputs = [None if step.replica in failures else self._decode(step, ref, values, refs)
+            why = "is being rebuilt" if 0 <= bad[0] < self.num_replicas else f"is out of range({self.num_replicas})"
+            raise ValueError(f"StepInput.replica={bad[0]} {why}: schedule only executor.ready_replicas "
+                             f"({sorted(ready)})")
+        refs, out_refs = submit(steps, self._workers_of, self.layout.pp - 1)
+        values: dict = {}
+        failures = collect(refs, values, time.monotonic() + self.step_timeout_s, "step",
+                           f"step_timeout_s={self.step_timeout_s:g}", self._failure)
+        fatal = partial(self._fail, fatal=True)
+        outputs = [None if step.replica in failures else decode(step, ref, values, refs, fatal)
                    for step, ref in zip(steps, out_refs, strict=True)]
         if failures:
-            raise ReplicasRestartedError(self._recover(failures), outputs)
+            self.recovery.start(failures)
+            raise ReplicasFailedError([ReplicaFailure(f.replica, f.cause, f.detected_at) for f in failures.values()],
+                                      outputs)
         return outputs
+
+    @property
+    def ready_replicas(self) -> frozenset[int]:
+        """Replicas that take steps now; the others are being rebuilt (see `cluster.ray_recovery`)."""
+        return self.recovery.ready
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        return self.recovery.wait_ready(timeout_s)
+
+    def take_recoveries(self) -> list[ReplicaRecovery]:
+        return self.recovery.take_recoveries()
 
     @property
     def step_timeout_s(self) -> float:
         return float(self.config.step_timeout_s or self.config.collective_timeout_s)
 
+    @property
+    def restarts(self) -> int:
+        """Replica rebuilds so far (out of `max_restarts`)."""
+        return self.recovery.restarts
+
     def _run(self, steps: list[StepInput], deadline: float, what: str) -> list[StepOutput]:
-        """Start-up steps (warm-up): any failure is fatal."""
-        _, refs, out_refs = self._submit(steps)
+        """Start-up steps (warm-up): any failure fails the start (or the rebuild)."""
+        refs, out_refs = submit(steps, self._workers_of, self.layout.pp - 1)
         values = dict(zip(refs, self._wait(refs, deadline, what), strict=True))
-        return [self._decode(step, ref, values, refs) for step, ref in zip(steps, out_refs, strict=True)]
-
-    def _submit(self, steps: list[StepInput]) -> tuple[dict, dict, list]:
-        refs: dict = {}      # every rank's result ref -> its worker, submission order
-        out_refs = []        # per step: the sampling rank's ref
-        for step in steps:
-            data = encode_step_input(step)
-            payload = ray.put(data) if len(data) > INLINE_LIMIT else data
-            sampler_ref = None
-            for w in self._workers_of([step.replica]):
-                ref = w.actor.execute.remote(payload)
-                refs[ref] = w
-                if w.rank.pp_rank == self.layout.pp - 1 and w.rank.tp_rank == 0:
-                    sampler_ref = ref
-            out_refs.append(sampler_ref)
-        return {}, refs, out_refs
-
-    def _decode(self, step: StepInput, ref, values: dict, refs: dict) -> StepOutput:
-        if values[ref] is None:
-            self._fail([refs[ref]], f"returned no StepOutput for step {step.step_id}")
-        return decode_step_output(values[ref])
-
-    def _collect(self, refs: dict, values: dict, deadline: float, what: str) -> dict[int, Failure]:
-        """Wait for `refs` (ref -> worker) into `values`, replica by replica: a replica whose rank dies,
-        raises or is still busy at the deadline gets a `Failure` (its workers are killed at once, so
-        none stays blocked in a collective); the other replicas' results are still collected."""
-        failures: dict[int, Failure] = {}
-        pending = list(refs)
-        while pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                for replica in sorted({refs[r].rank.replica for r in pending}):
-                    late = [refs[r] for r in pending if refs[r].rank.replica == replica]
-                    failures[replica] = self._failure(late, f"did not finish {what} before its deadline "
-                                                            f"(step_timeout_s={self.step_timeout_s:g}): "
-                                                            f"hung or stopped", None)
-                break
-            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=min(remaining, POLL_S))
-            try:
-                values.update(zip(ready, ray.get(ready), strict=True))   # one call in the common case
-                continue
-            except RayError:
-                pass
-            errors = {}
-            for ref in ready:
-                try:
-                    values[ref] = ray.get(ref)
-                except RayError as e:
-                    errors[ref] = e
-            gather_peer_errors(errors, pending, refs)
-            for replica in sorted({refs[r].rank.replica for r in errors}):
-                mine = {r: e for r, e in errors.items() if refs[r].rank.replica == replica}
-                ref, cause = describe_failure(mine, refs, what)
-                failures[replica] = self._failure([refs[ref]], cause, mine[ref])
-            pending = [r for r in pending if refs[r].rank.replica not in failures]
-        return failures
-
-    def _failure(self, workers: list[Worker], cause: str, exc: BaseException | None) -> Failure:
-        names = "; ".join(w.describe() for w in workers[:4]) + (" ..." if len(workers) > 4 else "")
-        replica = workers[0].rank.replica
-        self._kill_replica(replica)   # ray.kill also ends a rank blocked in a gloo recv or SIGSTOPped
-        failure = Failure(replica, f"{names} {cause}", time.monotonic(), exc)
-        logger.error("replica %d failed: %s", replica, failure.cause)
-        return failure
-
-    # ------------------------------------------------------------------ recovery
-
-    def _recover(self, failures: dict[int, Failure]) -> list[ReplicaRecovery]:
-        """Rebuild the failed replicas (new placement groups, actors, process groups, weights). Every
-        attempt uses one restart per replica, so a rank that fails during its own rebuild is tried
-        again while the budget lasts; past `max_restarts`, or when the budget runs out on a failed
-        rebuild, the executor is dead."""
-        budget = self.config.max_restarts
-        first = next(iter(failures.values()))
-        replicas = sorted(failures)
-        while True:
-            if self.restarts + len(replicas) > budget:
-                self._die(f"{first.cause}; not rebuilt: the restart budget is used up (max_restarts={budget}, "
-                          f"{self.restarts} used)", first.exc)
-            self.restarts += len(replicas)
-            self._release_replicas(replicas)
-            try:
-                infos = self._start_replicas(replicas)
-                break
-            except BaseException as e:   # noqa: BLE001 - a failed rebuild is retried, or ends the engine
-                self._dead = None        # a failed start-up wait marks the executor dead; the budget decides
-                self._release_replicas(replicas)
-                if self.restarts + len(replicas) > budget:
-                    self._die(f"{first.cause}; the rebuild of replica(s) {replicas} failed: {e}", e)
-                logger.error("the rebuild of replica(s) %s failed (%s); trying again", replicas, e)
-        blocks = min(info["num_kv_blocks"] for info in infos)
-        if blocks < self.num_kv_blocks:
-            self._die(f"{first.cause}; the rebuilt replica(s) {replicas} hold {blocks} KV blocks, fewer than the "
-                      f"{self.num_kv_blocks} the scheduler plans with", None)
-        done = time.monotonic()
-        recoveries = [ReplicaRecovery(r, failures[r].cause, failures[r].detected_at, done, self.restarts)
-                      for r in replicas]
-        for rec in recoveries:
-            logger.warning("replica %d rebuilt: detected -> serving again in %.2f s (%d of max_restarts=%d used; %s)",
-                           rec.replica, rec.recovery_s, self.restarts, budget,
-                           ", ".join(f"{k} {v:.2f} s" for k, v in self.start_phases_s.items()))
-        return recoveries
-
-    def _release_replicas(self, replicas: list[int]) -> None:
-        """Kill the replicas' actors and remove their own placement groups (an ExistingGroup stays)."""
-        for r in replicas:
-            self._kill_replica(r)
-        for rank in self.ranks:
-            if rank.replica in replicas:
-                self.workers[rank.global_rank] = None
-        groups = [g for (r, _), g in self.groups.items() if r in replicas]
-        self.groups = {k: g for k, g in self.groups.items() if k[0] not in replicas}
-        remove_groups(groups)
-
-    def _die(self, message: str, exc: BaseException | None):
-        self._dead = message
-        logger.error("engine dead: %s", message)
-        raise EngineDeadError(message) from exc
+        return [decode(step, ref, values, refs, self._fail) for step, ref in zip(steps, out_refs, strict=True)]
 
     def _wait(self, refs: dict, deadline: float, what: str) -> list:
         """Results of `refs` (ref -> worker) in order; EngineDeadError on the first failure or at the deadline."""
-        values = {}
-        pending = list(refs)
-        while pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                late = [refs[r] for r in pending]
-                self._fail(late, f"did not finish {what} before its deadline "
-                                 f"(collective_timeout_s={self.config.collective_timeout_s})")
-            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=min(remaining, POLL_S))
-            try:
-                values.update(zip(ready, ray.get(ready), strict=True))   # one call in the common case
-            except RayError:
-                errors = {}
-                for ref in ready:   # find the rank that failed, to name it
-                    try:
-                        values[ref] = ray.get(ref)
-                    except RayError as e:
-                        errors[ref] = e
-                self._fail_on_errors(errors, pending, refs, what)
-        return [values[r] for r in refs]
+        return wait_all(refs, deadline, what, f"collective_timeout_s={self.config.collective_timeout_s}", self._fail,
+                        lambda: self.closed)
 
-    def _fail_on_errors(self, errors: dict, pending: list, refs: dict, what: str):
-        """Name the root cause (a dead peer rather than the rank whose recv it broke) and fail."""
-        gather_peer_errors(errors, pending, refs)
-        ref, cause = describe_failure(errors, refs, what)
-        self._fail([refs[ref]], cause, errors[ref])
+    def _failure(self, workers: list[Worker], cause: str, exc: BaseException | None) -> Failure:
+        replica = workers[0].rank.replica
+        self.kill_replica(replica)   # ray.kill also ends a rank blocked in a gloo recv or SIGSTOPped
+        failure = Failure(replica, f"{_names(workers)} {cause}", time.monotonic(), exc)
+        logger.error("replica %d failed: %s", replica, failure.cause)
+        return failure
 
-    def _fail(self, workers: list[Worker], cause: str, exc: BaseException | None = None):
-        """Mark the executor dead, kill the failed replicas' workers, raise EngineDeadError."""
-        names = "; ".join(w.describe() for w in workers[:4]) + (" ..." if len(workers) > 4 else "")
-        self._dead = f"{names} {cause}"
+    def die(self, message: str, exc: BaseException | None):
+        self.dead = message
+        logger.error("engine dead: %s", message)
+        raise EngineDeadError(message) from exc
+
+    def _fail(self, workers: list[Worker], cause: str, exc: BaseException | None = None, fatal: bool = False):
+        """Kill the failed replicas' workers, raise EngineDeadError: a start-up wait (the caller decides
+        whether that ends the executor or uses a restart), or a step that broke the protocol (`fatal`)."""
         for replica in sorted({w.rank.replica for w in workers}):
-            self._kill_replica(replica)
-        raise EngineDeadError(self._dead) from exc
+            self.kill_replica(replica)
+        if fatal:
+            self.die(f"{_names(workers)} {cause}", exc)
+        raise EngineDeadError(f"{_names(workers)} {cause}") from exc
 
     # ------------------------------------------------------------------ shutdown
 
-    def _kill_replica(self, replica: int) -> None:
+    def kill_replica(self, replica: int) -> None:
         # ray.kill stops the process even if it is blocked in a gloo recv from a dead peer
         for w in self._workers_of([replica]):
             quietly(ray.kill, w.actor, no_restart=True)
 
     def shutdown(self) -> None:
         """Kill every actor, remove every placement group we made, disconnect if we connected. Idempotent."""
-        if self._closed:
+        if self.closed:
             return
-        self._closed = True
+        self.closed = True
+        self.recovery.join(timeout_s=5.0)   # rebuild threads notice `closed` within a poll
         if not ray.is_initialized():
             return
         alive = [w for w in self.workers if w is not None]
-        if self._dead is None and alive:   # polite first: leave the process groups (bounded)
+        if self.dead is None and alive:   # polite first: leave the process groups (bounded)
             quietly(ray.wait, [w.actor.shutdown.remote() for w in alive], num_returns=len(alive), timeout=2.0)
         for w in alive:
             quietly(ray.kill, w.actor, no_restart=True)
@@ -493,3 +392,7 @@ class RayExecutor:
     def node_ids(self) -> dict[tuple[int, int, int], str]:
         """(replica, pp_rank, tp_rank) -> Ray node id, as reported by each worker."""
         return {(w.rank.replica, w.rank.pp_rank, w.rank.tp_rank): w.node_id for w in self.workers if w}
+
+
+def _names(workers: list[Worker]) -> str:
+    return "; ".join(w.describe() for w in workers[:4]) + (" ..." if len(workers) > 4 else "")

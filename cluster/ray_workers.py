@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import ray
@@ -72,6 +73,37 @@ def reserve_placement_groups(layout: Layout, replicas: list[int], name_prefix: s
         remove_groups(list(groups.values()))
         raise
     return groups
+
+
+def wait_placed(layout: Layout, groups: dict[tuple[int, int], PlacementGroup], timeout: float,
+                closed: Callable[[], bool]) -> None:
+    """Wait until every bundle of our kept `groups` sits on a live node (bounded; polled).
+
+    A rebuild keeps the replica's groups: when a node dies, Ray re-places the bundles it held
+    (state RESCHEDULING, then CREATED again once some node has room). The node check covers the
+    moment before Ray has noticed the death. PlacementTimeoutError at the deadline, as at start-up.
+    """
+    from ray.util.placement_group import placement_group_table
+
+    deadline = time.monotonic() + timeout
+    while True:
+        table = placement_group_table()
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        pending = [key for key, g in groups.items() if not _placed(table.get(g.id.hex(), {}), alive)]
+        if not pending:
+            return
+        if closed():
+            raise RuntimeError("the executor was shut down while waiting for placement")
+        if time.monotonic() > deadline:
+            specs = [s for s in bundles_for(layout.dp, layout.pp, layout.tp, layout.use_gpu, layout.cpus_per_worker)
+                     if (s.replica, s.pp_rank) in pending]
+            raise PlacementTimeoutError(placement_message(layout, specs, timeout))
+        time.sleep(0.1)
+
+
+def _placed(entry: dict, alive: set[str]) -> bool:
+    nodes = entry.get("bundles_to_node_id") or {}
+    return entry.get("state") == "CREATED" and bool(nodes) and all(n in alive for n in nodes.values())
 
 
 def spawn_worker(rank: RankInfo, layout: Layout, strategy: PlacementGroupSchedulingStrategy,

@@ -8,15 +8,21 @@ One `step()`:
    stop_token_ids, stop strings, max_tokens, max_model_len), free finished sequences;
 5. return a cumulative `RequestOutput` for every request that got a token or finished.
 
-Data parallelism: one `Scheduler` per replica; a new request goes to the replica with the
+Data parallelism: one `Scheduler` per replica; a new request goes to the ready replica with the
 fewest unfinished sequences, then the most free KV blocks. All n sequences of a request stay
 on one replica.
 
-Recovery: when the executor reports replicas rebuilt (`ReplicasRestartedError`: a rank died,
-raised or missed its deadline), the other replicas' results of that step are applied as usual
-and the rebuilt replicas' sequences go back to the front of their queue to be recomputed from
-prompt + the tokens they already produced (kept, so a stream continues with no token repeated);
-their prefix cache is forgotten with the old ranks. `recoveries` lists them.
+Recovery: when the executor reports replicas failed (`ReplicasFailedError`: a rank died, raised
+or missed its deadline), the other replicas' results of that step are applied as usual and the
+failed replicas' sequences go back to the waiting queue to be recomputed from prompt + the
+tokens they already produced (kept, so a stream continues with no token repeated); their prefix
+cache is forgotten with the old ranks. The executor rebuilds those replicas in the background:
+until one is back in `executor.ready_replicas` nothing is scheduled on it, new requests go to
+ready replicas, and the waiting requests of a replica that is not ready move to a ready one
+(they recompute from their tokens anyway). With no replica ready (DP=1) a step waits for the
+rebuild in bounded slices (`READY_WAIT_S`), applying aborts and request timeouts in between.
+Each finished rebuild is appended to `recoveries`; a rebuild that failed past the restart
+budget raises `EngineDeadError` from the next step.
 
 n > 1 shares the prompt through the prefix cache: sibling 0 is admitted first, the others wait
 until its prompt is computed and then reuse its full prompt blocks (each recomputes only the
@@ -42,7 +48,7 @@ from scheduler import prompt_logprobs, validation
 from scheduler.config import EngineConfig
 from scheduler.detokenizer import IncrementalDetokenizer
 from scheduler.errors import InvalidRequestError, InvalidTypeError, PromptTooLongError, QueueFullError, show
-from scheduler.executor import Executor, ReplicaRecovery, ReplicasRestartedError
+from scheduler.executor import Executor, ReplicaFailure, ReplicaRecovery, ReplicasFailedError
 from scheduler.request import CompletionOutput, Request, RequestOutput, Sequence, SequenceStatus
 from scheduler.sampling_params import SamplingParams
 from scheduler.scheduler import SampledToken, Scheduler, SchedulerOutput
@@ -51,6 +57,8 @@ from scheduler.wire import StepInput
 __all__ = ["LLMEngine", "PromptTooLongError"]
 
 logger = logging.getLogger(__name__)
+
+READY_WAIT_S = 0.25   # with no replica ready, how long one step waits for a rebuild (aborts apply between)
 
 
 class LLMEngine:
@@ -168,8 +176,11 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         with self._step_lock:
+            self._take_recoveries()
             changed = self._apply_inboxes()
-            plans = [s.schedule() for s in self.schedulers]
+            ready = self.executor.ready_replicas
+            self._move_from_unready(ready)
+            plans = [s.schedule() if r in ready else SchedulerOutput() for r, s in enumerate(self.schedulers)]
             steps: list[StepInput] = []
             for r, plan in enumerate(plans):
                 steps += [mb.to_step_input(self._step_id, r, i) for i, mb in enumerate(plan.micro_batches)]
@@ -178,26 +189,50 @@ class LLMEngine:
                 lost: set[int] = set()
                 try:
                     results = self.executor.execute(steps)
-                except ReplicasRestartedError as e:   # other replicas' results of this step stand
+                except ReplicasFailedError as e:   # other replicas' results of this step stand
                     results, lost = e.outputs, e.replicas
-                    self._requeue_rebuilt(e.recoveries)
+                    self._requeue_failed(e.failures)
                 if len(results) != len(steps):
                     raise RuntimeError(f"executor returned {len(results)} outputs for {len(steps)} steps")
                 self._step_id += 1
                 self.num_steps += 1
                 changed |= self._process(plans, results, lost)
+            elif not ready and any(s.has_unfinished() for s in self.schedulers):
+                self.executor.wait_ready(READY_WAIT_S)   # every replica is being rebuilt: no busy loop
             return self._outputs(changed)
 
-    def _requeue_rebuilt(self, recoveries: list[ReplicaRecovery]) -> None:
-        """Recovery: the rebuilt replicas' sequences are recomputed from prompt + tokens produced so far."""
-        for rec in recoveries:
-            sched = self.schedulers[rec.replica]
+    def _take_recoveries(self) -> None:
+        """Log the rebuilds the executor finished (EngineDeadError if one failed past the budget)."""
+        for rec in self.executor.take_recoveries():
+            self.recoveries.append(rec)
+            logger.warning("replica %d rebuilt in %.2f s (restart %d of max_restarts=%d) after: %s", rec.replica,
+                           rec.recovery_s, rec.restarts_used, self.config.max_restarts, rec.cause)
+
+    def _requeue_failed(self, failures: list[ReplicaFailure]) -> None:
+        """Recovery: the failed replicas' sequences are recomputed from prompt + tokens produced so far."""
+        for f in failures:
+            sched = self.schedulers[f.replica]
             n = sched.num_unfinished
             sched.forget_ranks()
-            self.recoveries.append(rec)
-            logger.warning("replica %d rebuilt in %.2f s (restart %d of max_restarts=%d) after: %s; "
-                           "%d unfinished sequences re-queued for recompute", rec.replica, rec.recovery_s,
-                           rec.restarts_used, self.config.max_restarts, rec.cause, n)
+            logger.warning("replica %d failed (%s); rebuilding it; %d unfinished sequences re-queued for "
+                           "recompute", f.replica, f.cause, n)
+
+    def _move_from_unready(self, ready: frozenset[int]) -> None:
+        """Requests queued on a replica that is being rebuilt move to the least loaded ready replica.
+
+        Such a replica runs nothing (`forget_ranks` re-queued everything), so its requests wait and
+        hold no block; a request moves whole (its n sequences share a replica)."""
+        if not ready or len(ready) == len(self.schedulers):
+            return
+        for r, sched in enumerate(self.schedulers):
+            if r in ready or not sched.waiting:
+                continue
+            for rid in dict.fromkeys(seq.request_id for seq in sched.waiting):   # oldest first
+                to = self._least_loaded(ready)
+                seqs = sched.release(rid)
+                if seqs:
+                    self.schedulers[to].adopt(seqs)
+                    self._requests[rid].replica = to
 
     def _apply_inboxes(self) -> set[str]:
         with self._lock:
@@ -236,9 +271,14 @@ class LLMEngine:
             changed.add(rid)
         return changed
 
+    def _least_loaded(self, replicas) -> int:
+        """The replica with the fewest unfinished sequences, then the most free KV blocks."""
+        return min(replicas, key=lambda i: (self.schedulers[i].num_unfinished,
+                                            -self.schedulers[i].block_manager.num_free_blocks, i))
+
     def _admit(self, req: Request) -> None:
-        r = min(range(len(self.schedulers)), key=lambda i: (self.schedulers[i].num_unfinished,
-                                                            -self.schedulers[i].block_manager.num_free_blocks, i))
+        # a replica being rebuilt gets a request only when none is ready (it moves once one is)
+        r = self._least_loaded(self.executor.ready_replicas or range(len(self.schedulers)))
         req.replica = r
         order = next(self._order)
         p = req.params

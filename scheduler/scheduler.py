@@ -137,6 +137,24 @@ class Scheduler:
         self.block_manager.reset_prefix_cache()
         self._dropped_seq_ids = []
 
+    def release(self, request_id: str) -> list[Sequence]:
+        """Take a request's sequences off this replica's queue, to move the request to another replica
+        (this one is being rebuilt). [] if any of them runs here: only a request that is wholly
+        waiting holds no blocks and nothing on the ranks, so only it can move."""
+        if any(s.request_id == request_id for s in self.running):
+            return []
+        seqs = [s for s in self.waiting if s.request_id == request_id]
+        self.waiting = deque(s for s in self.waiting if s.request_id != request_id)
+        return seqs
+
+    def adopt(self, seqs: list[Sequence]) -> None:
+        """Queue sequences released by another replica, each among the waiting ones by age (the
+        queue's order is otherwise kept): they recompute from their tokens as after a preemption."""
+        for seq in seqs:
+            assert seq.status == SequenceStatus.WAITING and not seq.on_ranks(), seq
+            i = next((i for i, w in enumerate(self.waiting) if _age(w) > _age(seq)), len(self.waiting))
+            self.waiting.insert(i, seq)
+
     # -- one step ------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:

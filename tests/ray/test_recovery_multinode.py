@@ -1,10 +1,11 @@
 """Issue 12, test 7: the node holding one pipeline stage is removed (`Cluster.remove_node`).
 
 Two 1-CPU nodes hold the two stages of a TP=2 x PP=2 engine. Removing stage 1's node fails the
-next step; the rebuild waits for placement, a new node joins (once our new placement group is
-seen pending), and the replica is rebuilt there with greedy outputs equal to the
-undisturbed run. Removing a node again with no capacity left is a clear `EngineDeadError`
-naming the placement that could not be met, within the placement deadline.
+next step; the rebuild keeps the replica's placement groups and waits for Ray to re-place the
+removed node's bundles; a new node joins (once our group is seen waiting for capacity), and the
+replica is rebuilt there with greedy outputs equal to the undisturbed run. Removing a node
+again with no capacity left is a clear `EngineDeadError` naming the placement that could not
+be met, within the placement deadline.
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ def node_of_stage(llm: LLM, stage: int) -> str:
 
 
 def wait_for_our_pending_group(timeout_s: float) -> bool:
-    """True once one of our placement groups waits for capacity (the rebuild is under way)."""
+    """True once one of our placement groups waits for capacity (the rebuild keeps the replica's
+    groups, and Ray re-places the bundles of the removed node: RESCHEDULING)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         table = ray.util.placement_group_table()
-        if any(g.get("name", "").startswith("shardline-") and g.get("state") == "PENDING" for g in table.values()):
+        if any(g.get("name", "").startswith("shardline-") and g.get("state") in ("PENDING", "RESCHEDULING")
+               for g in table.values()):
             return True
         time.sleep(0.1)
     return False

@@ -17,6 +17,7 @@ import random
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from scheduler.executor import NeverRebuilds
 from scheduler.wire import (
     StepInput,
     StepOutput,
@@ -90,7 +91,7 @@ class _RankSeq:
         self.num_prompt, self.sampling = num_prompt, sampling
 
 
-class ToyExecutor:
+class ToyExecutor(NeverRebuilds):
     """Executor protocol over the toy model: `num_replicas` replicas of `num_kv_blocks` blocks."""
 
     def __init__(self, num_kv_blocks: int, block_size: int, num_replicas: int = 1, max_in_flight: int = 1) -> None:
