@@ -26,7 +26,6 @@ import json
 import math
 import pathlib
 import sys
-import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repo root, for `python benchmarks/...`
 
@@ -166,16 +165,8 @@ def main(argv=None) -> dict:
     start_ray(num_cpus=max(args.threads, *(math.prod(LAYOUTS[lay]) for lay in args.layouts)))
     import ray
     args.address = ray.get_runtime_context().gcs_address
-    results = []
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            for name in args.models:
-                if name == "tiny":
-                    from tests.fixtures.tiny_models import build_tiny_llama
-                    path = str(build_tiny_llama(pathlib.Path(tmp) / "tiny_llama"))
-                else:
-                    path = common.model_path(args.model)
-                results.append(bench_model(name, path, args))
+        results = common.bench_models(args.models, args.model, lambda name, path: bench_model(name, path, args))
     finally:
         ray.shutdown()
     text = tables(results, args)

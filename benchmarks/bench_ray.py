@@ -36,7 +36,6 @@ import math
 import os
 import pathlib
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repo root, for `python benchmarks/...`
@@ -209,16 +208,8 @@ def main(argv=None) -> dict:
     print(common.machine_line(), file=sys.stderr)
     # every Ray layout stays alive during the interleaved rounds: tp x pp workers x 1 logical CPU each
     ray_start_s = start_ray(num_cpus=sum(math.prod(LAYOUTS[lay]) for lay in args.layouts))
-    results = []
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            for name in args.models:
-                if name == "tiny":
-                    from tests.fixtures.tiny_models import build_tiny_llama
-                    path = str(build_tiny_llama(pathlib.Path(tmp) / "tiny_llama"))
-                else:
-                    path = common.model_path(args.model)
-                results.append(bench_model(name, path, args))
+        results = common.bench_models(args.models, args.model, lambda name, path: bench_model(name, path, args))
     finally:
         import ray
         ray.shutdown()

@@ -93,15 +93,15 @@ def start_server(model: str, args, env: dict, port: int):
 # ------------------------------------------------------------------------------------- HTTP client
 
 
-async def one_stream(client, url: str, model: str, req: Request) -> dict:
+async def stream_completion(client, url: str, model: str, req: Request) -> tuple[list[float], int]:
+    """One streamed /v1/completions request: (arrival time of each text chunk, completion tokens in the usage
+    chunk). A non-200 answer raises RuntimeError with its status and the start of its body."""
     body = {"model": model, "prompt": req.prompt_token_ids, "max_tokens": req.max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    first = last = None
-    tokens = 0
+    chunks, tokens = [], 0
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
         if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -109,10 +109,14 @@ async def one_stream(client, url: str, model: str, req: Request) -> dict:
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             elif chunk["choices"]:
-                now = time.perf_counter()
-                first = first or now
-                last = now
-    return {"ttft": first - t0, "tpot": (last - first) / max(tokens - 1, 1), "tokens": tokens}
+                chunks.append(time.perf_counter())
+    return chunks, tokens
+
+
+async def one_stream(client, url: str, model: str, req: Request) -> dict:
+    t0 = time.perf_counter()
+    chunks, tokens = await stream_completion(client, url, model, req)
+    return {"ttft": chunks[0] - t0, "tpot": (chunks[-1] - chunks[0]) / max(tokens - 1, 1), "tokens": tokens}
 
 
 async def http_run(url: str, model: str, reqs: list[Request], concurrency: int) -> tuple[float, list[dict]]:
@@ -179,22 +183,10 @@ def arrival_times(n: int, rate: float, seed: int = 0) -> list[float]:
 async def timed_stream(client, url: str, model: str, req: Request, send_at: float, t0: float) -> dict:
     """One streamed request sent at t0 + send_at: its chunk arrival times, or the error that ended it."""
     await asyncio.sleep(max(0.0, t0 + send_at - time.perf_counter()))
-    body = {"model": model, "prompt": req.prompt_token_ids, "max_tokens": req.max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    start, chunks, tokens = time.perf_counter(), [], 0
+    start = time.perf_counter()
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                return {"ok": False, "error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-                elif chunk["choices"]:
-                    chunks.append(time.perf_counter())
-    except Exception as e:   # a dropped connection is a failed request, not a crashed benchmark
+        chunks, tokens = await stream_completion(client, url, model, req)
+    except Exception as e:   # an HTTP error or a dropped connection is a failed request, not a crashed benchmark
         return {"ok": False, "error": f"{type(e).__name__}: {e}"}
     if tokens != req.max_tokens or not chunks:
         return {"ok": False, "error": f"{tokens} of {req.max_tokens} tokens"}

@@ -41,6 +41,23 @@ def model_path(explicit: str | None = None) -> str:
     return str(prepare_model())
 
 
+def bench_models(names: Sequence[str], real_model: str | None, bench: Callable[[str, str], dict]) -> list[dict]:
+    """`bench(name, folder)` for each model name, in order: "tiny" is the tiny random Llama of the tests
+    (built in a temporary folder, removed afterwards), any other name the real model (`model_path(real_model)`)."""
+    import tempfile
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            if name == "tiny":
+                from tests.fixtures.tiny_models import build_tiny_llama
+                path = str(build_tiny_llama(pathlib.Path(tmp) / "tiny_llama"))
+            else:
+                path = model_path(real_model)
+            results.append(bench(name, path))
+    return results
+
+
 def set_threads(n: int) -> None:
     import torch
     torch.set_num_threads(n)

@@ -281,14 +281,10 @@ def preflight_if_multinode(config, address: str | None) -> bool:
         return False            # LLM is about to start a local, single-node Ray
     joined = connect(address)
     try:
-        if sum(1 for n in ray.nodes() if n["Alive"]) > 1:
-            timeout = float(config.preflight_timeout_s)
-            result = run_preflight(config.model, config.tensor_parallel_size, config.pipeline_parallel_size,
-                                   timeout_s=timeout, cpus_per_worker=config.cpus_per_worker,
-                                   use_gpu=config.use_gpu, placement_timeout_s=config.placement_timeout_s)
-            if result.rows and not all(r.ok for r in result.rows):
-                raise PreflightError(f"pre-flight failed: {result.first_problem()} (skip the check with "
-                                     f"LLM(..., preflight=False))\n{result.table()}")
+        check_if_multinode(config.model, config.tensor_parallel_size, config.pipeline_parallel_size,
+                           skip_hint="LLM(..., preflight=False)", nodes_only=True,
+                           timeout_s=float(config.preflight_timeout_s), cpus_per_worker=config.cpus_per_worker,
+                           use_gpu=config.use_gpu, placement_timeout_s=config.placement_timeout_s)
     except BaseException:
         if joined:
             ray.shutdown()
@@ -296,11 +292,19 @@ def preflight_if_multinode(config, address: str | None) -> bool:
     return joined
 
 
-def preflight_or_raise(model: str, tp: int, pp: int, address: str | None = None, timeout_s: float = 60.0,
-                       **kwargs) -> PreflightResult:
-    """`run_preflight`, raising `PreflightError` (with the table) when a node is broken."""
-    result = run_preflight(model, tp, pp, address=address, timeout_s=timeout_s, **kwargs)
-    if not result.ok:
-        raise PreflightError(f"pre-flight failed: {result.first_problem()} (skip the check with "
-                             f"LLM(..., preflight=False) or `shardline serve --skip-preflight`)\n{result.table()}")
+def check_if_multinode(model: str, tp: int, pp: int, skip_hint: str, nodes_only: bool = False,
+                       **kwargs) -> PreflightResult | None:
+    """`run_preflight(model, tp, pp, **kwargs)` when the connected cluster has several alive nodes, else None.
+
+    Raises `PreflightError` (the first problem, how to skip the check: `skip_hint`, and the table)
+    when the check fails; with `nodes_only`, only for a broken node, not for a cluster-wide shortfall.
+    Used by `LLM(...)` (above) and `shardline serve` before it deploys anything.
+    """
+    if sum(1 for n in ray.nodes() if n["Alive"]) <= 1:
+        return None
+    result = run_preflight(model, tp, pp, **kwargs)
+    broken = (bool(result.rows) and not all(r.ok for r in result.rows)) if nodes_only else not result.ok
+    if broken:
+        raise PreflightError(f"pre-flight failed: {result.first_problem()} (skip the check with {skip_hint})\n"
+                             f"{result.table()}")
     return result

@@ -140,13 +140,11 @@ def _join(address: str | None) -> bool:
 
 def _preflight_if_multinode(config, args: argparse.Namespace) -> None:
     """On a cluster of several nodes, check each one the layout uses before deploying anything."""
-    import ray
+    from cluster.preflight import check_if_multinode
 
-    from cluster.preflight import preflight_or_raise
-
-    if sum(1 for n in ray.nodes() if n["Alive"]) > 1:
-        result = preflight_or_raise(config.model, config.tensor_parallel_size, config.pipeline_parallel_size,
-                                    cpus_per_worker=args.cpus_per_worker)
+    result = check_if_multinode(config.model, config.tensor_parallel_size, config.pipeline_parallel_size,
+                                skip_hint="`shardline serve --skip-preflight`", cpus_per_worker=args.cpus_per_worker)
+    if result is not None:
         print(f"pre-flight passed on {len(result.rows)} node(s) in {result.seconds:.1f} s", flush=True)
 
 

@@ -1,4 +1,8 @@
-"""The bundled SmolLM2-135M, cut TP in {1, 3} x PP in {1, 2}, decodes exactly as `transformers`."""
+"""The bundled SmolLM2-135M, cut TP in {1, 3} x PP in {1, 2}, decodes exactly as `transformers`.
+
+The uncut model (TP = PP = 1: one rank, the same `ModelRunner`) is checked against HF, tokens and
+logprobs, on 32 prompts by tests/engine/test_llm_vs_hf.py; here every layout that cuts it.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(1200)]
 
 TEXTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 NEW_TOKENS = 32
-LAYOUTS = [(1, 1), (3, 1), (1, 2), (3, 2)]
+LAYOUTS = [(3, 1), (1, 2), (3, 2)]
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
@@ -39,10 +41,13 @@ SHARDLINE_CLASSES = ("ShardWorker", "ShardlineEngine", "OpenAIIngress", "Metrics
 def ray_head():
     tmp = tempfile.mkdtemp(prefix="sd", dir="/tmp")
     env = ray_env(tmp)
-    dashboard, gcs_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+    dashboard, gcs_port, agent = (free_port("127.0.0.1") for _ in range(3))
+    # the job agent's port too (Ray's default, 52365, may be another Ray's on a shared machine: `ray job
+    # submit` then finds "No available agent" for good), as cluster/launch/start_head.sh does
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", f"--port={gcs_port}", "--num-cpus=2", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--block"],
+         "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--include-dashboard=true",
+         f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats", "--block"],
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
     HEAD_PIDS[url] = head.pid
@@ -60,12 +65,30 @@ def ray_head():
                 time.sleep(1)
         yield url, {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(head.pid, sig)
-                head.wait(timeout=20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
+        _kill_head(head)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _kill_head(head: subprocess.Popen) -> None:
+    """SIGKILL the head's process group, then whatever of its process tree outlived it (workers run in groups
+    of their own). Not SIGTERM: Ray's handler drains the node and then stops its processes one by one with a
+    second's grace each, 20-30 s in all here, and this test has already checked that nothing of Shardline
+    is left."""
+    try:
+        tree = psutil.Process(head.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    try:
+        os.killpg(head.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    head.wait(timeout=30)
+    _, alive = psutil.wait_procs(tree, timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def _run(cmd: list[str], env: dict, timeout: float = 300) -> str:
@@ -73,6 +96,20 @@ def _run(cmd: list[str], env: dict, timeout: float = 300) -> str:
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
     return done.stdout
+
+
+def _submit_job(url: str, env: dict, client_args: list[str]) -> str:
+    """`ray job submit` of `python CLIENT_ARGS` with this checkout as the working dir; the job's log."""
+    job = [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", ".", "--runtime-env-json",
+           json.dumps({"excludes": [".venv", ".git", "benchmarks/results"]}), "--", "python", *client_args]
+    for _ in range(30):   # the head's job agent can lag its dashboard by a few seconds
+        done = subprocess.run(job, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        if "No available agent" not in done.stdout + done.stderr:
+            break
+        time.sleep(2)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    return log
 
 
 LEFTOVERS = """
@@ -98,31 +135,31 @@ def test_detached_app_outlives_the_command_and_serves_drivers_and_jobs(ray_head,
     want = hf_greedy(str(tiny_llama_dir), PROMPT, 8, stop_at_eos=True)[0]
     client = [sys.executable, "examples/serve_client.py", "--name", "det", "--max-tokens", "8", "--json",
               "--token-ids", ",".join(map(str, PROMPT))]
-    res = json.loads(_run(client, env).strip().splitlines()[-1])
-    assert res["generate"] == [want] and res["stream"] == want and res["replicas"] == 1
-    job = [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", ".", "--runtime-env-json",
-           json.dumps({"excludes": [".venv", ".git", "benchmarks/results"]}), "--", "python", *client[1:]]
-    for _ in range(30):   # the head's job agent can lag its dashboard by a few seconds
-        done = subprocess.run(job, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-        if "No available agent" not in done.stdout + done.stderr:
-            break
-        time.sleep(2)
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-4000:]
-    assert "succeeded" in log
-    res = json.loads(next(line for line in log.splitlines() if line.startswith('{"generate"')))
-    assert res["generate"] == [want] and res["stream"] == want
-    status = _run([sys.executable, "-m", "cluster.cli", "status"], env)
-    assert "det: RUNNING" in status and "requests=" in status
-    # the Ray Data batch job sends its rows to the running deployment instead of starting engines
     rows = [{"id": f"r{i}", "prompt": p} for i, p in enumerate(BATCH_PROMPTS)]
     src, out_dir = tmp_path / "rows.jsonl", tmp_path / "out"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    _run([sys.executable, "examples/batch_ray_data.py", "--deployment", "det", "--input", str(src), "--output",
-          str(out_dir), "--max-tokens", "6", "--batch-size", "2", "--concurrency", "2"], env)
+    batch = [sys.executable, "examples/batch_ray_data.py", "--deployment", "det", "--input", str(src), "--output",
+             str(out_dir), "--max-tokens", "6", "--batch-size", "2", "--concurrency", "2"]
+    # the clients do not depend on each other, so they run at once (most of each one's time is its own start-up):
+    # a fresh driver, the same client as a `ray job submit` job, `shardline status`, and the Ray Data batch job,
+    # which sends its rows to the running deployment instead of starting engines
+    with ThreadPoolExecutor(4) as pool:
+        direct = pool.submit(_run, client, env)
+        job = pool.submit(_submit_job, url, env, client[1:])
+        status = pool.submit(_run, [sys.executable, "-m", "cluster.cli", "status"], env)
+        batched = pool.submit(_run, batch, env)
+        offline = offline_texts(tiny_llama_dir, BATCH_PROMPTS, 6)
+    res = json.loads(direct.result().strip().splitlines()[-1])
+    assert res["generate"] == [want] and res["stream"] == want and res["replicas"] == 1
+    log = job.result()
+    assert "succeeded" in log
+    res = json.loads(next(line for line in log.splitlines() if line.startswith('{"generate"')))
+    assert res["generate"] == [want] and res["stream"] == want
+    assert "det: RUNNING" in status.result() and "requests=" in status.result()
+    batched.result()
     got = {r["id"]: r for r in output_rows(out_dir)}
     assert sorted(got) == [r["id"] for r in rows]
-    assert [got[r["id"]]["text"] for r in rows] == offline_texts(tiny_llama_dir, BATCH_PROMPTS, 6)
+    assert [got[r["id"]]["text"] for r in rows] == offline
     # stop: every Shardline actor, placement group and process is gone
     assert "stopped det" in _run([sys.executable, "-m", "cluster.cli", "stop", "det"], env)
     marks = [_assert_clean(url, env, "the first cycle")]

@@ -8,7 +8,6 @@ finish_reason "abort", is the module server's shutdown in test_openai_server.py.
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import threading
@@ -17,33 +16,9 @@ import time
 import httpx
 import pytest
 
-from tests.serve.conftest import API_KEY, shardline_serve
+from tests.serve.conftest import API_KEY, LONG, MODEL, shardline_serve, stream_completion
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.timeout(600)]
-
-MODEL = "tiny-llama"
-LONG = 200
-
-
-def stream_completion(url: str, prompt: list[int], started: threading.Event, result: dict) -> None:
-    """One streamed completion of LONG tokens: sets `started` at its first chunk; fills status, reason, tokens."""
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": LONG, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
-    try:
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300,
-                          headers={"Authorization": f"Bearer {API_KEY}"}) as r:
-            result["status"] = r.status_code
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                started.set()
-                for c in chunk.get("choices", []):
-                    result["reason"] = c.get("finish_reason") or result.get("reason")
-                if chunk.get("usage"):
-                    result["tokens"] = chunk["usage"]["completion_tokens"]
-    finally:
-        started.set()   # also when it failed before its first chunk: nobody waits in vain
 
 
 def test_sigterm_refuses_new_requests_and_finishes_running_ones(tiny_llama_dir):

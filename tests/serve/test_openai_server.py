@@ -1,7 +1,8 @@
 """`shardline serve` at PP=2 x DP=2 on the tiny Llama, through the official `openai` client and raw HTTP.
 
-One server for the module (its start-up is the expensive part); the tests share it, and the one
-that kills an engine worker runs last. Greedy outputs are compared with `transformers`.
+The server is tests/serve/conftest.py's `server`, shared with test_http_errors.py (its start-up is
+the expensive part); the test that kills an engine worker runs after every other user of it.
+Greedy outputs are compared with `transformers`.
 """
 
 from __future__ import annotations
@@ -17,86 +18,20 @@ import httpx
 import openai
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from tests.fixtures.reference import hf_greedy, hf_prefill_logits
-from tests.serve.conftest import API_KEY, REPO, shardline_serve
-from tests.serve.test_drain import LONG, stream_completion
+from tests.serve.conftest import API_KEY, EXTRA, MODEL, REPO, metrics, no_leak, settled_metrics
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.timeout(600)]
 
-MODEL = "tiny-llama"                       # --served-model-name
 PROMPTS = [[5, 6, 7], [11, 12, 13, 14, 15], [21, 22], [40, 41, 42, 43]]
 MAX_TOKENS = 8
-EXTRA = {"ignore_eos": True}               # the random model emits EOS early; compare full lengths
-MAX_BODY, MAX_CHARS = 100_000, 4_000
-
-
-@pytest.fixture(scope="module")
-def server(tiny_llama_dir):
-    args = [str(tiny_llama_dir), "--served-model-name", MODEL,
-            "--pipeline-parallel-size", "2", "--data-parallel-size", "2", "--name", "t",
-            "--api-key", API_KEY, "--max-ongoing-requests", "100", "--max-queued-requests", "20",
-            "--max-num-seqs", "8", "--max-waiting-requests", "32", "--max-request-bytes", str(MAX_BODY),
-            "--max-prompt-chars", str(MAX_CHARS), "--drain-timeout", "0",
-            "--max-restarts", "0"]   # fail-stop: the last test kills a worker to see a dead engine
-    with shardline_serve(args) as srv:
-        yield srv
-        late = _in_flight_stream(srv)
-    # SIGTERM with --drain-timeout 0: the stream in flight ended with finish_reason "abort"; the command
-    # deleted its application and stopped its Ray, and exited 0
-    late.join(timeout=120)
-    assert late.result["status"] == 200 and late.result["reason"] == "abort", late.result
-    assert late.result["tokens"] < LONG
-    assert srv.exit_code == 0 and "stopped t" in srv.final_log, srv.final_log[-3000:]
-    assert "drained t: 0 finished, 1 aborted" in srv.final_log, srv.final_log[-3000:]
-
-
-def _in_flight_stream(srv) -> threading.Thread:
-    """A long stream that has started (retried past a replica the last test killed), left running."""
-    for _ in range(20):
-        started, result = threading.Event(), {}
-        t = threading.Thread(target=stream_completion, args=(srv.url, [5, 6], started, result))
-        t.result = result
-        t.start()
-        if started.wait(60) and result.get("status") == 200:
-            return t
-        t.join(timeout=60)
-    raise AssertionError(f"no stream could start: {result}")
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
 def hf_tok(tiny_llama_dir):
     return AutoTokenizer.from_pretrained(str(tiny_llama_dir))
-
-
-def _metrics(server) -> dict:
-    text = httpx.get(f"{server.url}/metrics", timeout=30).text
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            key = s.name + ("" if "finished_reason" not in s.labels else f"[{s.labels['finished_reason']}]")
-            if "le" not in s.labels:
-                out[key] = s.value
-    return out
-
-
-def _settled_metrics(server) -> dict:
-    """Metrics once the replicas' pushes (every 0.25 s) have caught up: two readings 1 s apart agree."""
-    last = _metrics(server)
-    for _ in range(30):
-        time.sleep(1.0)
-        now = _metrics(server)
-        if now == last:
-            return now
-        last = now
-    raise AssertionError("the metrics never settled")
 
 
 def _wait_for(cond, what: str, timeout: float = 30.0):
@@ -184,7 +119,7 @@ def test_32_concurrent_streams_all_complete(server, client):
 
 
 def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
-    before = _metrics(server).get("shardline:request_success_total[abort]", 0)
+    before = metrics(server).get("shardline:request_success_total[abort]", 0)
     body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 200, "temperature": 0, "stream": True,
             "ignore_eos": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60,
@@ -193,40 +128,11 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
     # the client is gone: the request is aborted, nothing runs, every replica's KV cache is free
-    m = _wait_for(lambda: (m := _metrics(server)).get("shardline:request_success_total[abort]", 0) > before and m,
+    m = _wait_for(lambda: (m := metrics(server)).get("shardline:request_success_total[abort]", 0) > before and m,
                   "the abort to be counted")
-    m = _wait_for(lambda: (m := _metrics(server))["shardline:num_requests_running"] == 0
+    m = _wait_for(lambda: (m := metrics(server))["shardline:num_requests_running"] == 0
                   and m["shardline:kv_cache_usage_perc"] == 0 and m, "blocks to be freed")
     assert m["shardline:num_requests_waiting"] == 0
-
-
-def test_error_bodies_name_the_problem(server):
-    url, auth = f"{server.url}/v1/completions", {"Authorization": f"Bearer {API_KEY}"}
-    ok = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
-
-    def post(body, headers=auth):
-        r = httpx.post(url, json=body, headers=headers, timeout=60)
-        return r.status_code, r.json()["error"]
-
-    code, err = post({**ok, "temperature": -1})
-    assert code == 400 and err["param"] == "temperature" and "temperature=-1" in err["message"]
-    assert err["type"] == "invalid_request_error"
-    code, err = post({**ok, "frobnicate": 1})                  # unknown fields are errors, not ignored
-    assert code == 400 and err["param"] == "frobnicate"
-    code, err = post({**ok, "max_tokens": "many"})
-    assert code == 400 and err["param"] == "max_tokens"
-    code, err = post({**ok, "prompt": list(range(5, 305))})    # 300 tokens > max_model_len 256
-    assert code == 400 and "max_model_len" in err["message"]
-    code, err = post({**ok, "model": "gpt-4"})
-    assert code == 404 and err["param"] == "model" and MODEL in err["message"]
-    code, err = post(ok, headers={})
-    assert code == 401 and err["type"] == "authentication_error"
-    code, err = post(ok, headers={"Authorization": "Bearer wrong"})
-    assert code == 401
-    with pytest.raises(openai.BadRequestError) as e:   # and through the client: its own typed errors
-        openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0).completions.create(
-            model=MODEL, prompt="hi", top_p=0)
-    assert e.value.body["param"] == "top_p"
 
 
 def test_overload_answers_429_or_503_with_retry_after_and_loses_nothing(server):
@@ -259,72 +165,6 @@ def test_overload_answers_429_or_503_with_retry_after_and_loses_nothing(server):
     assert queue_full["type"] == "rate_limit_error" and "max_waiting_requests" in queue_full["message"]
 
 
-def _no_leak(err: dict) -> None:
-    """An error body names the problem and shows nothing of the server: no traceback, no file path."""
-    text = json.dumps(err)
-    assert err["message"] and "Traceback" not in text and ".py" not in text
-    assert not any(root in text for root in ("/home/", "/tmp/", "/work/", "/root/", "/usr/")), text
-
-
-def test_bad_input_wall_over_http_uses_no_engine_step(server, client):
-    """Issue 12 test 1 over HTTP: each bad request gets a 4xx naming the problem, costs no engine step
-    (the token counters do not move), and the server serves afterwards."""
-    url, auth = f"{server.url}/v1/completions", {"Authorization": f"Bearer {API_KEY}"}
-    chat_url = f"{server.url}/v1/chat/completions"
-    ok = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
-    msgs = [{"role": "user", "content": "hi"}]
-    raw = {"content-type": "application/json", **auth}
-    cases = [   # (id, request kwargs for httpx, status, param or None, text in the message)
-        ("malformed_json", dict(url=url, content=b'{"model": ', headers=raw), 400, None, "not JSON"),
-        ("invalid_utf8", dict(url=url, content=b'{"model": "\xff\xfe"}', headers=raw), 400, None, "not JSON"),
-        ("body_not_object", dict(url=url, json=[ok]), 400, None, "valid dictionary"),
-        ("lone_surrogate", dict(url=url, content=b'{"model": "tiny-llama", "prompt": "a\\ud800b"}', headers=raw),
-         400, "prompt", "surrogate"),
-        ("empty_text", dict(url=url, json={**ok, "prompt": ""}), 400, "prompt", "empty"),
-        ("empty_list", dict(url=url, json={**ok, "prompt": []}), 400, "prompt", "empty"),
-        ("id_past_vocab", dict(url=url, json={**ok, "prompt": [5, 10**6]}), 400, "prompt_token_ids", "vocabulary"),
-        ("id_negative", dict(url=url, json={**ok, "prompt": [-3]}), 400, "prompt_token_ids", "vocabulary"),
-        ("prompt_at_max_len", dict(url=url, json={**ok, "prompt": [5] * 256}), 400, None, "max_model_len"),
-        ("prompt_plus_max_tokens", dict(url=url, json={**ok, "prompt": [5] * 200, "max_tokens": 100}), 400,
-         "max_tokens", "at most max_tokens=56"),
-        ("chat_plus_max_tokens", dict(url=chat_url, json={"model": MODEL, "messages": msgs, "max_tokens": 10**4}),
-         400, "max_tokens", "exceeds max_model_len=256"),
-        ("n_huge", dict(url=url, json={**ok, "n": 10**6}), 400, "n", "max_n"),
-        ("logprobs_21", dict(url=url, json={**ok, "logprobs": 21}), 400, "logprobs", "20"),
-        ("top_k_float", dict(url=url, json={**ok, "top_k": 2.5}), 400, "top_k", "integer"),
-        ("stop_token_past_vocab", dict(url=url, json={**ok, "stop_token_ids": [10**6]}), 400, "stop_token_ids",
-         "stop_token_ids"),
-        ("timeout_negative", dict(url=url, json={**ok, "timeout": -1}), 400, "timeout", "timeout=-1"),
-        ("echo_true", dict(url=url, json={**ok, "echo": True}), 400, "echo", "echo"),
-        ("text_too_long", dict(url=url, json={**ok, "prompt": "a" * (MAX_CHARS + 1)}), 400, "prompt",
-         "max_prompt_chars"),
-        ("chat_too_long", dict(url=chat_url, json={"model": MODEL, "messages": [
-            {"role": "user", "content": "a" * (MAX_CHARS // 2 + 1)}] * 2}), 400, "messages", "max_prompt_chars"),
-        ("chat_no_messages", dict(url=chat_url, json={"model": MODEL, "messages": []}), 400, "messages", "messages"),
-        ("chat_bad_role", dict(url=chat_url, json={"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}),
-         400, "messages.0.role", "role"),
-        ("chat_top_logprobs_alone", dict(url=chat_url, json={"model": MODEL, "messages": msgs, "top_logprobs": 2}),
-         400, "top_logprobs", "logprobs"),
-        ("body_too_large", dict(url=url, json={**ok, "prompt": "a" * MAX_BODY}), 413, None, "max_request_bytes"),
-        ("chunked_too_large", dict(url=url, content=iter([b'{"model": "', b"a" * MAX_BODY, b'"}']), headers=raw),
-         413, None, "max_request_bytes"),
-        ("unknown_model", dict(url=url, json={**ok, "model": "tiny-lama"}), 404, "model", MODEL),
-    ]
-    before = _settled_metrics(server)
-    for name, kw, status, param, text in cases:
-        r = httpx.post(**{"headers": auth, **kw}, timeout=60)
-        err = r.json()["error"]
-        assert (r.status_code, err["code"]) == (status, status), (name, r.status_code, err)
-        assert param is None or err["param"] == param, (name, err)
-        assert text in err["message"], (name, err)
-        _no_leak(err)
-    after = _settled_metrics(server)
-    for key in ("shardline:prompt_tokens_total", "shardline:generation_tokens_total"):
-        assert after[key] == before[key], f"a rejected request used an engine step ({key})"
-    out = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=3, temperature=0, extra_body=EXTRA)
-    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 3
-
-
 def test_request_timeout_ends_with_finish_reason_timeout(client):
     """`timeout` (seconds, Shardline's extension field): the request ends early with finish_reason "timeout"
     and the tokens produced so far; 240 pipelined steps over Ray take far longer than 10 ms."""
@@ -337,9 +177,9 @@ def test_request_timeout_ends_with_finish_reason_timeout(client):
 
 
 def test_metrics_parse_and_counters_move(server, client):
-    before = _metrics(server)
+    before = settled_metrics(server)   # the previous test's last request may not have been pushed yet
     client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=4, temperature=0, extra_body=EXTRA)
-    after = _wait_for(lambda: (m := _metrics(server))["shardline:generation_tokens_total"]
+    after = _wait_for(lambda: (m := metrics(server))["shardline:generation_tokens_total"]
                       >= before["shardline:generation_tokens_total"] + 4 and m, "counters to move")
     assert after["shardline:prompt_tokens_total"] >= before["shardline:prompt_tokens_total"] + 3
     for h in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
@@ -420,6 +260,7 @@ print(names[0])
 """
 
 
+@pytest.mark.kills_server_engine
 def test_health_is_503_when_an_engine_dies(server, client):
     """Runs last: kills one replica's stage-1 worker; that engine dies and /health says so."""
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
@@ -437,5 +278,5 @@ def test_health_is_503_when_an_engine_dies(server, client):
                   "/health to report the dead engine", timeout=20)
     assert "died" in r.json()["error"]["message"]
     for _, body in failures:
-        _no_leak(body.get("error", body))   # the client hands over the inner error object
+        no_leak(body.get("error", body))   # the client hands over the inner error object
     assert "restart budget is used up (max_restarts=0" in r.json()["error"]["message"]
