@@ -142,7 +142,8 @@ def test_w8a8_selection_rejects_one_range_per_call_and_outlier_channels_skip_act
     from sharding.quant.kernels import OUTLIER_CHANNELS, DequantOutliers, FbgemmDynamic, FbgemmOutliers, FbgemmPerToken
 
     qw = quantize(torch.randn(96, 128) * 0.05, "w8a8")
-    _, choice = choose_kernel("w8a8", qw, torch.float32, 16, candidates=[FbgemmOutliers, FbgemmDynamic, DequantOutliers])
+    candidates = [FbgemmOutliers, FbgemmDynamic, DequantOutliers]
+    _, choice = choose_kernel("w8a8", qw, torch.float32, 16, candidates=candidates)
     assert "relative error" in choice.rejected["fbgemm_dynamic"]
     assert {"fbgemm_outliers", "dequant"} <= set(choice.ms) and choice.kernel in ("fbgemm_outliers", "dequant")
     x = torch.randn(4, 128) * torch.tensor([[0.01], [0.1], [1.0], [10.0]])
@@ -196,7 +197,8 @@ def test_weight_only_model_matches_hf_on_dequantized_weights_and_prequantized_fo
     assert_matches_hf(reference, prompts, max_tokens, at_load)
     # really quantized: the output moved away from the dense model's (a fallback to the dense
     # weight would match HF on the original within 1e-4) ...
-    moved = [abs(lp[0] - hf_expected(str(src), tuple(p), n)[1][0]) for p, n, (_, lp) in zip(prompts, max_tokens, at_load)]
+    moved = [abs(lp[0] - hf_expected(str(src), tuple(p), n)[1][0])
+             for p, n, (_, lp) in zip(prompts, max_tokens, at_load, strict=True)]
     assert max(moved) > 10 * LOGPROB_TOL, moved
     # ... and only the quantized bytes are held: no dense copy left, bytes as the format says
     assert all(m.weight is None and isinstance(m.matmul, QuantizedMatmul) for m in linears)
