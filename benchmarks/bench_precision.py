@@ -40,7 +40,7 @@ from benchmarks import common  # noqa: E402  (first: it sets OpenMP's wait polic
 # isort: on
 
 PRECISIONS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("float32", "int8"),
-              "int4": ("float32", "int4"), "int4-g32": ("float32", "int4-g32"), "w8a8": ("float32", "w8a8")}
+              "int4": ("float32", "int4"), "int4-g64": ("float32", "int4-g64"), "w8a8": ("float32", "w8a8")}
 TEXT = pathlib.Path(__file__).resolve().parent / "data" / "pride_and_prejudice_ch1.txt"
 NUM_PROMPTS, PROMPT_LEN, GREEDY_TOKENS, DECODE_TOKENS = 32, 16, 64, 64
 QUICK = (8, 32, 32)   # --quick: prompts x greedy tokens for agreement, decode tokens timed

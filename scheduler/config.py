@@ -16,7 +16,7 @@ __all__ = ["SUPPORTED_DTYPES", "ConfigError", "ConfigTypeError", "EngineConfig"]
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 _ERR = {"err": ConfigError, "type_err": ConfigTypeError}
-# weight quantization methods (meanings in sharding/quant/spec.py); int4 alone is groups of 64
+# weight quantization methods (meanings in sharding/quant/spec.py); int4 alone is groups of 32
 SUPPORTED_QUANTIZATION = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128", "w8a8")
 
 

@@ -2,7 +2,7 @@
 
 The folder is a normal HF folder whose config.json has a `quantization_config` section
 ({"quant_method": "shardline", "method": M, ...}) and whose single model.safetensors stores
-each decoder linear weight `X.weight` as `X.weight.q` (+ `.scale`, and `.zero` for int4) in the
+each decoder linear weight `X.weight` as `X.weight.q` (+ `.scale`, and `.low` for int4) in the
 [out, in] orientation, quantized per checkpoint tensor. Since scales are per output row and
 int4 groups run along each row, quantizing q_proj alone gives the same values as quantizing a
 rank's merged qkv slice: a rank reads only its rows (column-parallel) or its columns and their
@@ -25,6 +25,8 @@ from sharding.quant.spec import QuantizationError, parse_method
 
 SUFFIX = ".q"
 QUANT_METHOD = "shardline"
+# 2: int4 stores fp16 `.scale` and `.low` (w = q * scale + low); 1 (fp32 `.scale`/`.zero`) is not read
+FORMAT_VERSION = 2
 
 
 def folder_quant_config(model_dir: str | Path) -> dict | None:
@@ -35,6 +37,10 @@ def folder_quant_config(model_dir: str | Path) -> dict | None:
     if cfg.get("quant_method") != QUANT_METHOD:
         raise QuantizationError(f"{model_dir}: quantization_config.quant_method={cfg.get('quant_method')!r} is not "
                                 f"supported; Shardline loads only folders written by `shardline quantize`")
+    if cfg.get("format_version", 1) != FORMAT_VERSION:
+        raise QuantizationError(f"{model_dir} was written by an older `shardline quantize` (format version "
+                                f"{cfg.get('format_version', 1)}, this Shardline reads {FORMAT_VERSION}); "
+                                f"re-run `shardline quantize ORIGINAL_MODEL {model_dir} --method {cfg.get('method')}`")
     return cfg
 
 
@@ -44,7 +50,7 @@ def folder_method(model_dir: str | Path) -> str | None:
 
 
 class QuantizedSlice:
-    """A safetensors-slice look-alike over `X.weight.q/.scale/.zero`: indexing dequantizes only the slice."""
+    """A safetensors-slice look-alike over `X.weight.q/.scale/.low`: indexing dequantizes only the slice."""
 
     def __init__(self, handle, q_name: str, qcfg: dict):
         base = q_name[: -len(SUFFIX)]
@@ -52,7 +58,7 @@ class QuantizedSlice:
         self.transposed = base in qcfg.get("transposed", [])
         self.q = handle.get_slice(q_name)
         self.scale = handle.get_slice(base + ".scale")
-        self.zero = handle.get_slice(base + ".zero") if self.kind == "int4" else None
+        self.low = handle.get_slice(base + ".low") if self.kind == "int4" else None
         out, cols = self.q.get_shape()
         self.logical = (out, cols * 2 if self.kind == "int4" else cols)   # [out, in]
 
@@ -78,7 +84,7 @@ class QuantizedSlice:
             raise QuantizationError(f"int4 group size {g} does not divide this rank's input columns [{c0}, {c1}); "
                                     "re-quantize with a smaller group size (shardline quantize --method int4-g32)")
         qw = QuantizedWeight("int4", self.q[r0:r1, c0 // 2:c1 // 2], self.scale[r0:r1, c0 // g:c1 // g],
-                             self.zero[r0:r1, c0 // g:c1 // g], g)
+                             self.low[r0:r1, c0 // g:c1 // g], g)
         return dequantize(qw)
 
 
@@ -114,7 +120,8 @@ def quantize_folder(src: str | Path, out: str | Path, method: str) -> Path:
             shutil.copy2(f, out / f.name)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "method": spec.name, "kind": spec.kind,
+    cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+                                  "method": spec.name, "kind": spec.kind,
                                   "group_size": spec.group_size,
                                   "transposed": sorted(n for n, tr in targets.items() if tr)}
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
