@@ -11,7 +11,8 @@ import pytest
 
 from tests.distributed.harness import Job, assert_matches_hf, driver_rank, hf_references, run_layout
 
-pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
+# a cold inductor cache on a loaded machine took minutes to compile one bucket (benchmarks/NOTES.md section 4)
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 
 PROMPTS = [[5], [17, 3, 99, 250, 8], list(range(20, 38))]   # 3 sequences: bucket 4, one padding row
 NEW_TOKENS = 8
