@@ -29,7 +29,7 @@ from scheduler.wire import (
     encode_step_output,
 )
 from sharding import prompt_logprobs
-from sharding.compiled import CompiledDecode
+from sharding.compiled import CompiledDecode, check_compiler
 from sharding.dist import ParallelGroups, pp_recv, pp_send
 from sharding.layers.attention import AttentionGroup, AttentionMetadata, GatherWorkspace
 from sharding.loader import DTYPES, load_stage
@@ -83,6 +83,8 @@ def _padded(block_ids: list[int], n: int) -> list[int]:
 class ModelRunner:
     def __init__(self, config: EngineConfig, groups: ParallelGroups):
         self.config, self.groups = config, groups
+        if config.compile:   # no C++ compiler: say so before loading any weight
+            check_compiler(groups.device)
         self.hf_config = load_hf_config(config.model)
         self.plan = ShardPlan.build(self.hf_config, config.tensor_parallel_size, config.pipeline_parallel_size,
                                     config.layer_split)
