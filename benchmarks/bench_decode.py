@@ -14,6 +14,11 @@ is the step's matmul FLOPs at the matmul rate measured in this run (it binds at 
     python benchmarks/bench_decode.py                 # batches 1 and 64, ~5 minutes on 2 shared cores
     python benchmarks/bench_decode.py --batches 1 8 64 --steps 8 --reps 6
     python benchmarks/bench_decode.py --profile       # also profile both at the largest batch, op by op
+    python benchmarks/bench_decode.py --compile       # also Shardline with compile=True, eager vs compiled
+
+With --compile a second runner (EngineConfig(compile=True): torch.compile'd decode steps padded to
+fixed buckets, sharding/compiled.py) joins the same rotation; its first decode step at each batch
+size builds that bucket's graphs and is reported as the compile time (the step included).
 
 Reported: medians of per-step time over repetitions, ratios of medians, and the ratio of the
 fastest repetitions (on a machine shared with other jobs, the least disturbed measurement).
@@ -47,20 +52,22 @@ HEADERS = ["batch", "Shardline ms/step", "HF ms/step", "HF/Shardline", "floor ms
 class ShardlineDecoder:
     """Drives one single-rank ModelRunner by hand, the way the engine would (see tests/distributed/harness.py)."""
 
-    def __init__(self, model: str, max_batch: int, max_len: int, block_size: int = 16):
+    def __init__(self, model: str, max_batch: int, max_len: int, block_size: int = 16, compile: bool = False):
         from scheduler.config import EngineConfig
         from sharding.dist import init_single_rank
         from sharding.runner import ModelRunner
         self.block_size = block_size
         self.blocks_per_seq = math.ceil(max_len / block_size)
         config = EngineConfig(model=model, block_size=block_size, max_num_seqs=max_batch,
-                              num_kv_blocks=max_batch * self.blocks_per_seq + 1)
+                              num_kv_blocks=max_batch * self.blocks_per_seq + 1, compile=compile)
         self.runner = ModelRunner(config, init_single_rank())
         self.step_id = 0
         self.seq_ids: list[int] = []
         self.lengths: list[int] = []
         self.last: list[int] = []
         self.generated: list[list[int]] = []
+        # CPU seconds per step of each decode() call: on a loaded machine, less disturbed than wall time
+        self.cpu_s: list[float] = []
 
     def weight_bytes(self) -> int:
         return unique_parameter_bytes(self.runner.model)
@@ -82,7 +89,7 @@ class ShardlineDecoder:
     def decode(self, steps: int) -> float:
         """Run `steps` decode steps; seconds per step."""
         from scheduler.wire import ScheduledSequence, StepInput
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(steps):
             sched = [ScheduledSequence(sid, n, 1, True, [t])
                      for sid, n, t in zip(self.seq_ids, self.lengths, self.last)]
@@ -91,6 +98,7 @@ class ShardlineDecoder:
             self.last = out.token_ids
             for g, t in zip(self.generated, out.token_ids):
                 g.append(t)
+        self.cpu_s.append((time.process_time() - cpu) / steps)
         return (time.perf_counter() - start) / steps
 
     def _run(self, step):
@@ -174,17 +182,55 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 # ----------------------------------------------------------------------------------- benchmark
 
 
-def bench_batch(sl: ShardlineDecoder, hf: HFDecoder, probes: dict, batch: int, args) -> dict:
+def bench_batch(sl: ShardlineDecoder, hf: HFDecoder, probes: dict, batch: int, args,
+                slc: ShardlineDecoder | None = None) -> dict:
     prompts = same_length_prompts(batch, args.prompt_len, sl.runner.hf_config.vocab_size, seed=args.seed)
     sl.prefill(prompts)
     hf.prefill(prompts)
     sl.decode(args.steps)   # warm-up repetition, not counted
     hf.decode(args.steps)
-    runs = common.interleaved({"shardline": lambda: sl.decode(args.steps),
-                               "hf": lambda: hf.decode(args.steps), **probes}, args.reps)
-    return {"batch": batch, "shardline_s": common.median(runs["shardline"]), "hf_s": common.median(runs["hf"]),
-            "runs": runs,
-            "agree": agreement(sl.generated, hf.generated)}
+    candidates = {"shardline": lambda: sl.decode(args.steps), "hf": lambda: hf.decode(args.steps)}
+    out = {"batch": batch}
+    if slc is not None:   # compiled: the first step builds this bucket's graphs
+        slc.prefill(prompts)
+        out["compile_s"] = slc.decode(1)
+        slc.decode(args.steps - 1)
+        candidates["compiled"] = lambda: slc.decode(args.steps)
+        sl.cpu_s, slc.cpu_s = [], []
+    runs = common.interleaved({**candidates, **probes}, args.reps)
+    out.update({"shardline_s": common.median(runs["shardline"]), "hf_s": common.median(runs["hf"]), "runs": runs,
+                "agree": agreement(sl.generated, hf.generated)})
+    if slc is not None:
+        out.update({"compiled_s": common.median(runs["compiled"]), "cpu_s": {"eager": sl.cpu_s, "compiled": slc.cpu_s},
+                    "agree_compiled": agreement(slc.generated, hf.generated)})
+    return out
+
+
+def compile_numbers(r: dict) -> dict:
+    """One batch's eager-vs-compiled figures for the JSON."""
+    cpu = common.median(r["cpu_s"]["eager"]) / common.median(r["cpu_s"]["compiled"])
+    return {"compiled_ms": 1e3 * r["compiled_s"], "eager_over_compiled": r["shardline_s"] / r["compiled_s"],
+            "eager_over_compiled_cpu": cpu, "compile_s": r["compile_s"]}
+
+
+def compile_section(results: list[dict]) -> str:
+    """Eager against compiled Shardline, same run."""
+    def cpu(r, side):
+        return common.median(r["cpu_s"][side])
+    rows = [(r["batch"], 1e3 * r["shardline_s"], 1e3 * r["compiled_s"], r["shardline_s"] / r["compiled_s"],
+             min(r["runs"]["shardline"]) / min(r["runs"]["compiled"]), 1e3 * cpu(r, "eager"), 1e3 * cpu(r, "compiled"),
+             cpu(r, "eager") / cpu(r, "compiled"), r["compile_s"]) for r in results]
+    return "\n".join([
+        "### compile=True: eager against compiled decode steps (same run, interleaved)", "",
+        common.markdown_table(["batch", "eager ms/step", "compiled ms/step", "eager/compiled (median)",
+                               "eager/compiled (fastest)", "eager CPU ms/step", "compiled CPU ms/step",
+                               "eager/compiled (CPU time, median)", "first compiled step s (compiles the bucket)"],
+                              rows), "",
+        "CPU time is the process's (both torch threads), per step: on a machine shared with other jobs it "
+        "counts only the time this process ran, so it is the steadier of the two ratios.", "",
+        "Noise: " + "; ".join(f"B={r['batch']}: compiled {common.spread(r['runs']['compiled'])}" for r in results)
+        + ". Greedy tokens of the compiled runner identical to HF for " + ", ".join(
+            f"{100 * r['agree_compiled']:.0f}% of sequences at B={r['batch']}" for r in results) + "."])
 
 
 def _label(obj, attr: str, name: str, undo: list) -> None:
@@ -269,6 +315,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true", help="also profile both sides' decode at the largest batch")
     ap.add_argument("--profile-steps", type=int, default=8, help="decode steps profiled per side (default: 8)")
     ap.add_argument("--profile-top", type=int, default=15, help="ops listed by --profile (default: 15)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time Shardline with compile=True (torch.compile'd decode steps), interleaved")
     ap.add_argument("--quick", action="store_true", help="smoke test: batches 1 and 4, 4 steps, 2 reps")
     ap.add_argument("--output", help="append the markdown result to this file")
     ap.add_argument("--json", help="write the numbers as JSON to this file (run_all.py plots them)")
@@ -286,12 +334,13 @@ def main(argv=None) -> dict:
     print(f"model {model}; {common.machine_line()}", file=sys.stderr)
     sl = ShardlineDecoder(model, max(args.batches), max_len)
     hf = HFDecoder(model)
+    slc = ShardlineDecoder(model, max(args.batches), max_len, compile=True) if args.compile else None
     weight_bytes = sl.weight_bytes()
     probes = {"bandwidth": common.memory_bandwidth_gbs(args.bandwidth_gb), "gflops": common.matmul_gflops()}
     results = []
     from tqdm.auto import tqdm
     for batch in tqdm(args.batches, desc="decode batches", file=sys.stderr):
-        results.append(bench_batch(sl, hf, probes, batch, args))
+        results.append(bench_batch(sl, hf, probes, batch, args, slc))
     gbs = common.median([g for r in results for g in r["runs"]["bandwidth"]])
     gflops = common.median([g for r in results for g in r["runs"]["gflops"]])
     floor_s = weight_bytes / (gbs * 1e9)
@@ -327,6 +376,8 @@ def main(argv=None) -> dict:
         f"{results[-1]['batch'] * mean_ctx * kv_per_token / 1e6:.0f} MB "
         "per step).",
     ])
+    if slc is not None:
+        text += "\n\n" + compile_section(results)
     if args.profile:
         text += "\n\n" + profile_both(sl, hf, max(args.batches), args)
     print(text)
@@ -335,7 +386,8 @@ def main(argv=None) -> dict:
             "matmul_gflops": gflops,
             "rows": [dict(zip(["batch", "shardline_ms", "hf_ms", "hf_over_shardline", "floor_ms",
                                "shardline_over_floor", "compute_floor_ms", "shardline_over_compute_floor"], row))
-                     for row in rows],
+                     | (compile_numbers(r) if slc is not None else {})
+                     for row, r in zip(rows, results)],
             "runs": {r["batch"]: r["runs"] for r in results}}
     if args.json:
         import json

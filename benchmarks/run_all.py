@@ -53,7 +53,7 @@ ALIASES = {"decode": "roofline", "ray": "scaling", "all": None}   # earlier name
 # Flags the suite gives each part unless --quick (the parts' own defaults fit a standalone run; these keep
 # the whole suite near 25 minutes on 2 shared cores). --<part>-args come after and override them.
 SUITE_DEFAULTS = {
-    "roofline": ["--reps", "12"],
+    "roofline": ["--reps", "12", "--compile"],   # --compile: eager vs compile=True decode steps, same run
     "throughput": ["--num-requests", "96"],
     "serve": ["--num-requests", "64", "--rounds", "1", "--stream-levels", "1", "--latency-requests", "8"],
     "scaling": ["--layouts", "PP=2", "TP=2", "DP=2", "--batches", "1", "32", "64"],
@@ -114,6 +114,10 @@ def summary_rows(parts: dict[str, dict | None]) -> list[tuple[str, str, str]]:
                          f"{r['shardline_over_compute_floor']:.2f} ({r['compute_floor_ms']:.1f} ms)"))
             rows.append(("roofline", f"B={r['batch']} decode step: HF / Shardline (>1: faster than HF)",
                          f"{r['hf_over_shardline']:.2f} (HF {r['hf_ms']:.1f} ms)"))
+            if "compiled_ms" in r:
+                rows.append(("roofline", f"B={r['batch']} decode step: eager / compile=True, wall (CPU time); "
+                             "first step s", f"{r['eager_over_compiled']:.2f} ({r['eager_over_compiled_cpu']:.2f}); "
+                             f"{r['compile_s']:.1f}"))
     if d := parts.get("throughput"):
         rows.append(("throughput", f"offline tokens/s vs HF static batches of {d['hf_batch_size']}, "
                      f"{d['requests']} requests", f"{d['ratio']:.2f}x ({d['tokens_per_s']['shardline']:.1f} vs "

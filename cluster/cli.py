@@ -2,7 +2,8 @@
 
     shardline prepare-model [--cache-dir DIR] [--force]
     shardline generate [--model DIR] [--tp T] [--pp P] [--dp D] [--max-tokens N] [--temperature X]
-                       [--seed S] [--json] [--quantization M] [PROMPT | - ...]     (- or a pipe: prompts from stdin)
+                       [--seed S] [--json] [--quantization M] [--compile] [PROMPT | - ...]
+                       (- or a pipe: prompts from stdin)
     shardline preflight --model DIR [--tensor-parallel-size T] [--pipeline-parallel-size P] [--address A]
     shardline quantize MODEL OUT --method {int8,int4,int4-g32,int4-g64,int4-g128,w8a8}
     shardline bench [roofline|throughput|serve|scaling|memory|transport|all ...] [--quick] [--tiny] ...
@@ -70,6 +71,8 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--quantization", default=None,
                         help="int8, int4[-g32|-g64|-g128] or w8a8 (README: Precision)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode steps (needs a C++ compiler on CPU; README: Performance)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--seed", type=int, default=None)
@@ -123,7 +126,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         prompts = _read_prompts(args)
         model = args.model or str(prepare_model())
         with LLM(model, tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, data_parallel_size=args.dp,
-                 dtype=args.dtype, address=args.address, quantization=args.quantization) as llm:
+                 dtype=args.dtype, address=args.address, quantization=args.quantization,
+                 compile=args.compile) as llm:
             try:
                 outputs = llm.generate(prompts, params, use_tqdm=not args.json)
             except PromptTooLongError as e:   # the prompts that fit completed: print them, then the error

@@ -77,6 +77,8 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
                    help="CPUs each worker reserves (default: the cluster's CPUs shared by all workers, at most 1)")
     p.add_argument("--quantization", default=None, metavar="M",
                    help="int8, int4[-g32|-g64|-g128] or w8a8: each rank quantizes its own slices (README: Precision)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each rank's decode steps (needs a C++ compiler on CPU; README: Performance)")
     p.add_argument("--max-restarts", type=int, default=3, metavar="N",
                    help="rebuilds of an engine replica's workers after one died or hung, requests recomputed "
                    "(default 3; 0: fail-stop, Serve then replaces the replica)")
@@ -96,6 +98,8 @@ def run_serve(args: argparse.Namespace) -> int:
                      "max_waiting_requests": args.max_waiting_requests, "max_restarts": args.max_restarts}
     if args.quantization is not None:
         engine_kwargs["quantization"] = args.quantization
+    if args.compile:
+        engine_kwargs["compile"] = True
     if args.max_model_len is not None:
         engine_kwargs["max_model_len"] = args.max_model_len
     config = ServeConfig(

@@ -88,6 +88,9 @@ class EngineConfig:
     quantization: str | None = None
     """Weight quantization each rank applies to its own slices at load: int8 / int4[-gN] (weight-only,
     memory first) or w8a8 (dynamic int8 activations, speed first); None keeps `dtype` weights."""
+    compile: bool = False
+    """Run decode steps through torch.compile (inductor; CPU needs a C++ compiler), batches padded to a
+    few fixed bucket sizes; prefill and mixed steps stay eager (README: Performance)."""
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
@@ -110,6 +113,7 @@ class EngineConfig:
             check_int("max_waiting_requests", self.max_waiting_requests, lo=1,
                       hint="None (unbounded) or an integer >= 1", **_ERR)
         check_bool("enable_prefix_caching", self.enable_prefix_caching, type_err=ConfigTypeError)
+        check_bool("compile", self.compile, type_err=ConfigTypeError)
         check_int("seed", self.seed, lo=INT64_MIN, hi=INT64_MAX, hint="a 64-bit signed integer", **_ERR)
         check_int("max_logprobs", self.max_logprobs, lo=0, **_ERR)
         check_int("max_restarts", self.max_restarts, lo=0, hi=1000, hint="an integer in [0, 1000] (0: fail-stop)",

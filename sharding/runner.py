@@ -29,6 +29,7 @@ from scheduler.wire import (
     encode_step_output,
 )
 from sharding import prompt_logprobs
+from sharding.compiled import CompiledDecode, check_compiler
 from sharding.dist import ParallelGroups, pp_recv, pp_send
 from sharding.layers.attention import AttentionGroup, AttentionMetadata, GatherWorkspace
 from sharding.loader import DTYPES, load_stage
@@ -82,6 +83,8 @@ def _padded(block_ids: list[int], n: int) -> list[int]:
 class ModelRunner:
     def __init__(self, config: EngineConfig, groups: ParallelGroups):
         self.config, self.groups = config, groups
+        if config.compile:   # no C++ compiler: say so before loading any weight
+            check_compiler(groups.device)
         self.hf_config = load_hf_config(config.model)
         self.plan = ShardPlan.build(self.hf_config, config.tensor_parallel_size, config.pipeline_parallel_size,
                                     config.layer_split)
@@ -94,7 +97,12 @@ class ModelRunner:
         self.num_kv_blocks = num_kv_blocks_for(config, self.plan, self.hf_config)
         self.block_size = config.block_size
         kv_heads = len(self.plan.kv_heads(groups.tp_rank))   # this rank's own, replicated ones included
-        shape = (2, self.num_kv_blocks, config.block_size, kv_heads, self.plan.dims.head_dim)
+        # compile=True: decode steps padded to a bucket; the padding rows write their K/V into one
+        # extra block past the scheduler's (it never hands that block out)
+        self.compiled = CompiledDecode(self.model, config.max_num_seqs, groups.device) if config.compile else None
+        self.scratch_block = self.num_kv_blocks
+        blocks = self.num_kv_blocks + (self.compiled is not None)
+        shape = (2, blocks, config.block_size, kv_heads, self.plan.dims.head_dim)
         # zeros, not empty: masked slots are multiplied by 0 and must not hold NaN garbage
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=groups.device)
                           for _ in self.plan.layers(groups.pp_rank)]
@@ -129,18 +137,26 @@ class ModelRunner:
                                  f"{len(seq.token_ids)} tokens and {len(seq.block_ids)} blocks")
 
     # 2. inputs
-    def _prepare(self, step: StepInput) -> tuple[torch.Tensor, AttentionMetadata]:
+    def _decode_padding(self, sched) -> int | None:
+        """Dummy sequences that pad a pure decode step up to its compiled bucket; None: run it eagerly."""
+        if self.compiled is None or any(s.num_new != 1 for s in sched):
+            return None
+        bucket = self.compiled.bucket(len(sched))
+        return None if bucket is None else bucket - len(sched)
+
+    def _prepare(self, step: StepInput, pad: int = 0) -> tuple[torch.Tensor, AttentionMetadata]:
+        """`pad` dummy decode sequences go last: one token at position 0 in the scratch block."""
         dev, bs = self.groups.device, self.block_size
         sched = step.scheduled
         seqs = [self.seqs[s.seq_id] for s in sched]
-        num_new = torch.tensor([s.num_new for s in sched], device=dev)
-        num_computed = torch.tensor([s.num_computed for s in sched], device=dev)
+        num_new = torch.tensor([s.num_new for s in sched] + [1] * pad, device=dev)
+        num_computed = torch.tensor([s.num_computed for s in sched] + [0] * pad, device=dev)
         max_blocks = int((int((num_computed + num_new).max()) + bs - 1) // bs)
-        block_tables = torch.tensor([_padded(seq.block_ids, max_blocks) for seq in seqs], dtype=torch.long,
-                                    device=dev)
+        block_tables = torch.tensor([_padded(seq.block_ids, max_blocks) for seq in seqs]
+                                    + [[self.scratch_block] * max_blocks] * pad, dtype=torch.long, device=dev)
         ids = torch.tensor([t for s, seq in zip(sched, seqs)
-                            for t in seq.token_ids[s.num_computed:s.num_computed + s.num_new]], device=dev)
-        q_seq = torch.repeat_interleave(torch.arange(len(sched), device=dev), num_new)
+                            for t in seq.token_ids[s.num_computed:s.num_computed + s.num_new]] + [0] * pad, device=dev)
+        q_seq = torch.repeat_interleave(torch.arange(num_new.shape[0], device=dev), num_new)
         q_off = torch.arange(q_seq.shape[0], device=dev) - (torch.cumsum(num_new, 0) - num_new)[q_seq]
         positions = num_computed[q_seq] + q_off
         slot_mapping = block_tables[q_seq, positions // bs] * bs + positions % bs
@@ -188,13 +204,16 @@ class ModelRunner:
         self.prompt_logprobs: list[list] = []
         if not step.scheduled:
             return None
-        ids, meta = self._prepare(step)
+        pad = self._decode_padding(step.scheduled)
+        ids, meta = self._prepare(step, pad or 0)
         g = self.groups
         if g.is_first_stage:
             x = self.model.embed(ids, meta.positions)
         else:
             x = pp_recv((ids.shape[0], self.plan.dims.hidden_size), self.dtype, g)
-        x = self.model(x, self.kv_caches, meta)
+        # x: [T + pad, hidden]; padding rows are last and never read below
+        forward = self.model if pad is None else self.compiled.forward
+        x = forward(x, self.kv_caches, meta)
         if not g.is_last_stage:
             pp_send(x, g)
             return None

@@ -90,6 +90,9 @@ class PagedAttention(nn.Module):
         even = num_heads % num_kv_heads == 0 and self.kv_map == uniform
         self.expand = None if even else self.kv_map
 
+    # eager even inside a compiled decode step (sharding/compiled.py): the context length changes
+    # every step, and a graph per length would recompile every block
+    @torch.compiler.disable
     def forward(self, q, k, v, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, KV, D]; kv_cache: [2, blocks, block_size, KV, D]
         k_cache, v_cache = kv_cache[0], kv_cache[1]

@@ -14,6 +14,10 @@ from torch import nn
 
 from sharding.dist import ParallelGroups, tp_all_reduce
 
+# inside a compiled decode step (sharding/compiled.py) the all-reduce is a graph break and runs
+# eagerly: gloo collectives are never traced
+_eager_all_reduce = torch.compiler.disable(tp_all_reduce)
+
 
 class WeightShapeError(ValueError):
     """A checkpoint tensor does not have the shape the model config implies."""
@@ -178,5 +182,6 @@ class RowParallelLinear(LinearBase):
     def forward(self, x):
         # x: [tokens, in_local] -> partial [tokens, out]; sum the partials across the TP group
         y = self.matmul.apply(self, x)
-        y = tp_all_reduce(y, self.groups)
+        if self.groups.tp_size > 1:   # checked here, so a compiled step with TP=1 has no graph break
+            y = _eager_all_reduce(y, self.groups)
         return y if self.bias is None else y + self.bias

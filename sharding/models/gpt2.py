@@ -40,9 +40,13 @@ class GPT2Attention(nn.Module):
             scale /= layer_idx + 1
         self.attn = PagedAttention(self.heads, self.heads, d.head_dim, scale)
 
-    def forward(self, x, kv_cache, meta: AttentionMetadata):
+    def project(self, x):
+        """x: [T, hidden] -> q, k, v [T, H, D] (this rank's heads)."""
         q, k, v = (t.view(-1, self.heads, self.head_dim) for t in self.c_attn(x).chunk(3, dim=-1))
-        return self.c_proj(self.attn(q, k, v, kv_cache, meta))   # all-reduce inside
+        return q, k, v
+
+    def forward(self, x, kv_cache, meta: AttentionMetadata):
+        return self.c_proj(self.attn(*self.project(x), kv_cache, meta))   # all-reduce inside
 
 
 class GPT2MLP(nn.Module):
@@ -70,7 +74,11 @@ class GPT2Block(nn.Module):
         self.mlp = GPT2MLP(cfg, plan, groups)
 
     def forward(self, x, kv_cache, meta):
-        x = x + self.attn(self.ln_1(x), kv_cache, meta)
+        # attention's parts are called from here so that a compiled decode step (sharding/compiled.py)
+        # breaks its graph only at the eager paged attention: dynamo cannot resume inside a nested call
+        attn = self.attn
+        q, k, v = attn.project(self.ln_1(x))
+        x = x + attn.c_proj(attn.attn(q, k, v, kv_cache, meta))   # all-reduce inside c_proj
         return x + self.mlp(self.ln_2(x))
 
 

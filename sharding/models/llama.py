@@ -35,12 +35,16 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(self.heads, self.kv_heads, d.head_dim, d.head_dim ** -0.5,
                                    plan.kv_map(groups.tp_rank))
 
-    def forward(self, x, kv_cache, meta: AttentionMetadata):
-        # x: [T, hidden] -> qkv: [T, (H + 2 KV) * D / tp]; queries and keys are adjacent: rotate them together
+    def project(self, x, meta: AttentionMetadata):
+        """x: [T, hidden] -> rotated q [T, H, D], rotated k and v [T, KV, D] (this rank's heads)."""
+        # qkv: [T, (H + 2 KV) * D / tp]; queries and keys are adjacent: rotate them together
         qkv = self.qkv_proj(x).view(x.shape[0], self.heads + 2 * self.kv_heads, self.head_dim)
         q, k = rotate(qkv[:, :self.heads + self.kv_heads], meta.rope).split([self.heads, self.kv_heads], dim=1)
-        out = self.attn(q, k, qkv[:, self.heads + self.kv_heads:], kv_cache, meta)
-        return self.o_proj(out)   # all-reduce inside
+        return q, k, qkv[:, self.heads + self.kv_heads:]
+
+    def forward(self, x, kv_cache, meta: AttentionMetadata):
+        q, k, v = self.project(x, meta)
+        return self.o_proj(self.attn(q, k, v, kv_cache, meta))   # all-reduce inside
 
 
 class LlamaMLP(nn.Module):
@@ -69,7 +73,11 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, plan, groups)
 
     def forward(self, x, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), kv_cache, meta)
+        # self_attn's parts are called from here so that a compiled decode step (sharding/compiled.py)
+        # breaks its graph only at the eager paged attention: dynamo cannot resume inside a nested call
+        attn = self.self_attn
+        q, k, v = attn.project(self.input_layernorm(x), meta)
+        x = x + attn.o_proj(attn.attn(q, k, v, kv_cache, meta))   # all-reduce inside o_proj
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -30,6 +30,7 @@ class Job:
     dtype: str = "float32"
     block_size: int = 16
     quantization: str | None = None
+    compile: bool = False
 
 
 @dataclass
@@ -43,6 +44,7 @@ class RankResult:
     peak_rss_kb: int = 0
     peak_anon_kb: int = 0
     quant: dict | None = None                # the rank's QuantReport, when quantized
+    compiled_graphs: int = 0                 # graphs torch.compile built in this process (compile=True)
 
 
 def _rss_anon_kb() -> int:
@@ -73,7 +75,7 @@ def _run_job(job: Job, tp: int, pp: int, groups) -> RankResult:
     need = max(len(p) for p in job.prompts) + job.new_tokens
     blocks_per_seq = -(-need // job.block_size)
     config = EngineConfig(model=job.model, tensor_parallel_size=tp, pipeline_parallel_size=pp, dtype=job.dtype,
-                          block_size=job.block_size, quantization=job.quantization,
+                          block_size=job.block_size, quantization=job.quantization, compile=job.compile,
                           num_kv_blocks=blocks_per_seq * len(job.prompts) + 1)
     runner = ModelRunner(config, groups)
     done.set()
@@ -111,6 +113,9 @@ def _run_job(job: Job, tp: int, pp: int, groups) -> RankResult:
         step = StepInput(k + 2, scheduled=[
             ScheduledSequence(i, len(p) + k, 1, True, [tokens[i][-1]]) for i, p in enumerate(job.prompts)])
     res.tokens, res.logprobs = tokens, logprobs
+    if job.compile:
+        from torch._dynamo.utils import counters
+        res.compiled_graphs = int(counters["stats"]["unique_graphs"])
     return res
 
 

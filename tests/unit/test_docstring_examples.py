@@ -8,11 +8,13 @@ import pytest
 
 import cluster.placement
 import scheduler.checks
+import sharding.compiled
 import sharding.dist
 import sharding.plan
 
 
-@pytest.mark.parametrize("module", [cluster.placement, sharding.dist, sharding.plan, scheduler.checks],
+@pytest.mark.parametrize("module", [cluster.placement, sharding.compiled, sharding.dist, sharding.plan,
+                                    scheduler.checks],
                          ids=lambda m: m.__name__)
 def test_docstring_examples_hold(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
