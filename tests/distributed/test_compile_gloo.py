@@ -23,7 +23,9 @@ def reference(tiny_llama_dir):
     return hf_references({"llama": str(tiny_llama_dir)}, PROMPTS, NEW_TOKENS)["llama"]
 
 
-@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
+# TP=2 only: it covers the one-rank path too (the same graphs, with the all-reduces between them),
+# and every compiled layout costs a cold compile on a fresh CI machine
+@pytest.mark.parametrize("tp", [2], ids=["tp2"])
 def test_compiled_decode_matches_transformers(tp, tiny_llama_dir, reference):
     results = run_layout([Job(str(tiny_llama_dir), PROMPTS, NEW_TOKENS, compile=True)], tp, 1, backend="gloo")
     driver = results[driver_rank(tp, 1)][0]
