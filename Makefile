@@ -38,7 +38,7 @@ leaks: venv model
 	SHARDLINE_LEAK_CYCLES=20 SHARDLINE_LEAK_SERVE_CYCLES=5 $(PY) -m pytest -q -s \
 		tests/ray/test_leaks.py tests/serve/test_detached.py
 
-# The whole benchmark suite (14 min on 2 idle cores); `make bench BENCH_ARGS=--quick` for the ~6 min smoke run.
+# The whole benchmark suite (16 min on 2 idle cores); `make bench BENCH_ARGS=--quick` for the ~6 min smoke run.
 # Results: benchmarks/results/latest.{md,json,png}.
 BENCH_ARGS ?=
 bench: venv model
