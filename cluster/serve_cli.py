@@ -24,6 +24,7 @@ import time
 
 EXIT_OK = 0
 HEALTH_WAIT_S = 600.0
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 DRAIN_MARGIN_S = 15.0   # beyond --drain-timeout: replicas hear of the drain and abort the rest
 
 
@@ -46,8 +47,11 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
                    help="application name, for connect(NAME) and stop (default shardline)")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model name clients send (default: the model folder's name)")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--host", default=None,
+                   help="HTTP bind address (default 127.0.0.1: this machine only; on a cluster where Serve already "
+                        "runs, its proxy's)")
+    p.add_argument("--port", type=int, default=None,
+                   help="HTTP port (default 8000; on a cluster where Serve already runs, its proxy's)")
     p.add_argument("--api-key", default=os.environ.get("SHARDLINE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $SHARDLINE_API_KEY, else none)")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
@@ -158,13 +162,51 @@ def _deploy(config, args: argparse.Namespace) -> None:
     from cluster.serve.builder import build_app
 
     t0 = time.perf_counter()
-    serve.start(http_options={"host": args.host, "port": args.port})
+    host, port = _serve_http(args.host, args.port)
     serve.run(build_app(config, args.name), name=args.name, route_prefix="/", blocking=False)
-    url = f"http://{args.host}:{args.port}"
+    url = f"http://{host}:{port}"
     _wait_healthy(url)
     print(f"serving {config.model_name!r} as application {args.name!r} at {url}/v1 "
           f"(tp={config.tensor_parallel_size} pp={config.pipeline_parallel_size} dp={config.data_parallel_size}; "
           f"healthy after {time.perf_counter() - t0:.1f} s)", flush=True)
+
+
+def _serve_http(host: str | None, port: int | None) -> tuple[str, int]:
+    """Start Serve's HTTP proxy, or join the one already running on the cluster -> its (host, port).
+
+    Serve keeps one proxy per cluster, shared by every application, and silently ignores new
+    http_options once it runs; so asking for another host or port than the running proxy's is an
+    error here (naming the one to use) instead of a deployment nobody can reach."""
+    from ray import serve
+    from ray.serve.context import _get_global_client  # the running controller's HTTP options
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        running = _get_global_client().http_config
+    except RayServeException:   # no Serve on this cluster yet
+        running = None
+    host, port = http_target(host, port, None if running is None else (running.host, running.port))
+    serve.start(http_options={"host": host, "port": port})   # ignored (and equal) when the proxy runs
+    return host, port
+
+
+def http_target(host: str | None, port: int | None, running: tuple[str, int] | None) -> tuple[str, int]:
+    """Where this application will answer: the asked host and port (defaults 127.0.0.1:8000), or the
+    running proxy's; ValueError naming the proxy's when the asked ones differ from it.
+
+    >>> http_target(None, None, None)
+    ('127.0.0.1', 8000)
+    >>> http_target(None, None, ("0.0.0.0", 9000))
+    ('0.0.0.0', 9000)
+    """
+    if running is None:
+        return host or DEFAULT_HOST, DEFAULT_PORT if port is None else port
+    for flag, asked, actual in (("--port", port, running[1]), ("--host", host, running[0])):
+        if asked is not None and asked != actual:
+            raise ValueError(f"{flag} {asked}: Ray Serve already runs on this cluster with its HTTP proxy at "
+                             f"{running[0]}:{running[1]}, shared by every application; pass {flag} {actual} "
+                             f"or leave {flag} out")
+    return running
 
 
 def _wait_healthy(url: str) -> None:

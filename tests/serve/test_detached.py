@@ -164,9 +164,10 @@ def test_detached_app_outlives_the_command_and_serves_drivers_and_jobs(ray_head,
     assert "stopped det" in _run([sys.executable, "-m", "cluster.cli", "stop", "det"], env)
     marks = [_assert_clean(url, env, "the first cycle")]
     print(f"detached round trip in {time.monotonic() - t0:.0f} s")
+    _another_port_is_refused(env, tiny_llama_dir, port)
     # issue 12 test 12: more serve --detach / stop cycles (`make leaks`: 5 in all) leak nothing either
     for cycle in range(1, SERVE_CYCLES):
-        _detach_stop_cycle(env, tiny_llama_dir)
+        _detach_stop_cycle(env, tiny_llama_dir, port)
         marks.append(_assert_clean(url, env, f"cycle {cycle}"))
     print(f"{SERVE_CYCLES} detach/stop cycles: Ray daemons (RSS bytes, fds) first {marks[0]} last {marks[-1]}")
     for name, (rss, fds) in marks[-1].items():
@@ -194,10 +195,20 @@ def _session(head_pid: int) -> dict:
     return {"ours": ours, "daemons": daemons}
 
 
-def _detach_stop_cycle(env: dict, model) -> None:
-    port = free_port("127.0.0.1")
-    _run([sys.executable, "-m", "cluster.cli", "serve", str(model), "--detach", "--name", "cyc", "--port", str(port)],
-         env)
+def _another_port_is_refused(env: dict, model, port: int) -> None:
+    """Serve keeps one HTTP proxy per cluster (still at `port` after `stop`); asking for another port is a
+    clear error naming the one to use, before anything is deployed - not a deployment nobody can reach."""
+    other = free_port("127.0.0.1")
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", str(model), "--detach", "--name", "cyc",
+                           "--port", str(other)], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"--port {other}: Ray Serve already runs" in done.stderr and f"pass --port {port}" in done.stderr
+
+
+def _detach_stop_cycle(env: dict, model, port: int) -> None:
+    """Another application joins the cluster's Serve proxy (no --port: the proxy's), answers, and stops."""
+    out = _run([sys.executable, "-m", "cluster.cli", "serve", str(model), "--detach", "--name", "cyc"], env)
+    assert f"at http://127.0.0.1:{port}/v1" in out, out
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as r:
         assert r.status == 200
     assert "stopped cyc" in _run([sys.executable, "-m", "cluster.cli", "stop", "cyc"], env)

@@ -110,13 +110,24 @@ def test_timeout_is_a_request_field_checked_like_the_others():
 def test_server_binds_to_loopback_by_default():
     import argparse
 
-    from cluster.serve_cli import add_serve
+    from cluster.serve_cli import add_serve, http_target
 
     sub = argparse.ArgumentParser().add_subparsers()
     add_serve(sub)
     args = sub.choices["serve"].parse_args([])
-    assert args.host == "127.0.0.1"
+    assert http_target(args.host, args.port, running=None) == ("127.0.0.1", 8000)
     assert (args.drain_timeout, args.max_waiting_requests) == (30.0, 128)
+
+
+def test_another_port_than_the_running_serve_proxy_is_refused_naming_it():
+    from cluster.serve_cli import http_target
+
+    assert http_target(None, None, running=("127.0.0.1", 8123)) == ("127.0.0.1", 8123)
+    assert http_target("127.0.0.1", 8123, running=("127.0.0.1", 8123)) == ("127.0.0.1", 8123)
+    with pytest.raises(ValueError, match=r"--port 9000: Ray Serve already runs .* 127\.0\.0\.1:8123.*--port 8123"):
+        http_target(None, 9000, running=("127.0.0.1", 8123))
+    with pytest.raises(ValueError, match=r"--host 0\.0\.0\.0: .*pass --host 127\.0\.0\.1"):
+        http_target("0.0.0.0", None, running=("127.0.0.1", 8123))
 
 
 def test_an_error_with_param_names_it():
