@@ -57,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--pp", type=int, default=2)
     ap.add_argument("--cpus-per-worker", type=float, default=0.25)
+    ap.add_argument("--standby-workers", action="store_true", help="serve with standby actors (faster rebuilds)")
     ap.add_argument("--request-timeout", type=float, default=300.0, help="a request not done by then is lost")
     ap.add_argument("--json", default=str(RESULTS / "soak.json"))
     ap.add_argument("--output", default=str(RESULTS / "soak.md"))
@@ -71,7 +72,7 @@ def start_server(model: str, args, env: dict, port: int, max_restarts: int):
     proc, _, address = serve_process.start(model, port, env, [
         "-tp", str(args.tp), "-pp", str(args.pp), "--cpus-per-worker", str(args.cpus_per_worker),
         "--max-restarts", str(max_restarts), "--max-ongoing-requests", "256", "--max-queued-requests", "256",
-        "--name", "soak"])
+        "--name", "soak"] + (["--standby-workers"] if args.standby_workers else []))
     return proc, address
 
 
@@ -240,7 +241,8 @@ def main(argv=None) -> dict:
         kill["stall_s"] = max((b - a for a, b in zip(window, window[1:], strict=False)), default=None)
     result = {
         "machine": common.machine_line(), "model": model, "workload": summary(reqs),
-        "layout": {"tp": args.tp, "pp": args.pp}, "concurrency": args.concurrency, "minutes": args.minutes,
+        "layout": {"tp": args.tp, "pp": args.pp}, "standby_workers": args.standby_workers,
+        "concurrency": args.concurrency, "minutes": args.minutes,
         "kill_every_s": args.kill_every, "elapsed_s": elapsed, "requests": len(results), **counts,
         "greedy_equal_to_reference": counts["mismatch"] == 0,
         "kills": [{k: v for k, v in kill.items() if k != "at"} for kill in kills], "engine_restarts": restarts,

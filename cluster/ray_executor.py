@@ -29,20 +29,12 @@ says which replicas take steps, `take_recoveries` reports finished rebuilds. At 
 `max_restarts` rebuilds over the executor's life; past it, or if a rebuild fails, the executor is
 dead and the engine gets `EngineDeadError` with both causes.
 
-Options (`EngineConfig` fields, so `LLM(...)` keywords; all optional):
-    cpus_per_worker     CPUs each worker reserves (default: min(1, free CPUs / workers))
-    use_gpu             ask every worker for one GPU (default: when the cluster has GPUs)
-    connect_timeout_s   deadline to reach the cluster at `address` (default 10)
-    resource_wait_s     how long a resource shortfall is re-checked before it is an error (default 5)
-    placement_timeout_s deadline to reserve the placement groups (default 60)
-    startup_timeout_s   deadline for rendezvous + loading + warm-up (default collective_timeout_s + 300)
-    step_timeout_s      deadline for one `execute` call (default collective_timeout_s, 30 s)
-    max_restarts        replica rebuilds allowed over the engine's life (default 3; 0: fail-stop)
+With `standby_workers` a rebuild takes over a started, idle actor per rank (`cluster.ray_standby`).
+Options: the `EngineConfig` fields under "Ray executor" (so `LLM(...)` keywords).
 
 Clusters: run the driver with `ray job submit --working-dir . --runtime-env-json
 '{"excludes": [".venv"]}' -- python ...` so every node imports `cluster`, `sharding` and
 `scheduler` from the uploaded directory; locally the workers get the repo root on PYTHONPATH.
-
 Only run on CPU (gloo) so far; the GPU path is the same code with `GPU: 1` per worker.
 """
 
@@ -61,6 +53,7 @@ from cluster.layer_split import plan_for, resolve_layer_split
 from cluster.placement import Layout, ResourceError, check_resources, default_cpu_share, rank_grid
 from cluster.ray_connect import connect, worker_runtime_env
 from cluster.ray_recovery import Recovery
+from cluster.ray_standby import Standby
 from cluster.ray_steps import Failure, collect, decode, submit, wait_all
 from cluster.ray_workers import (
     ExistingGroup,
@@ -108,6 +101,7 @@ class RayExecutor:
         self.name_prefix = f"shardline-{uuid.uuid4().hex[:8]}"
         self.dead: str | None = None
         self.recovery = Recovery(self)                                   # restart budget, rebuilds
+        self.standby = Standby(self)                                     # idle actors for rebuilds
         self.start_phases_s: dict[str, float] = {}                       # of the last (re)start, for logs
         self.closed = False
         self._generation = 0                                             # rebuilds so far: new actor names
@@ -134,9 +128,11 @@ class RayExecutor:
         # 3. resources: enough free CPUs/GPUs, with a message that says what is missing (an existing
         #    group was reserved by its owner, who sized its bundles with `cpus_per_worker`)
         self.layout = self._check_resources() if self.placement is None else self._layout_for({})
+        self.standby.check()
         # 4-8. per replica: placement groups, actors, rendezvous + load, warm-up
         self.worker_info, self.start_phases_s = self.start_replicas(list(range(self.num_replicas)))
         self.num_kv_blocks = min(info["num_kv_blocks"] for info in self.worker_info)
+        self.standby.fill(list(range(self.num_replicas)))
         logger.info("RayExecutor %s ready in %.1f s: %d workers x %s CPU, %d KV blocks per replica",
                     self.layout, time.perf_counter() - t0, self.layout.num_workers, self.layout.cpus_per_worker,
                     self.num_kv_blocks)
@@ -179,6 +175,7 @@ class RayExecutor:
                 self.workers[rank.global_rank] = None
         infos, phases = self.start_replicas([replica])
         self.start_phases_s = phases
+        self.standby.fill([replica])   # the next set starts while the replica serves
         return infos, phases
 
     def _connect(self, address: str | None) -> None:
@@ -225,8 +222,11 @@ class RayExecutor:
         runtime_env = worker_runtime_env(REPO_ROOT)
         gen = f"-g{self._generation}" if self._generation else ""   # a killed actor's name stays taken a moment
         self._generation += 1
+        standby = {g: a for r in replicas for g, a in self.standby.take(r).items()}
         for rank in self.ranks:
-            if rank.replica in replicas:
+            if rank.global_rank in standby:
+                self.workers[rank.global_rank] = Worker(rank, standby[rank.global_rank])
+            elif rank.replica in replicas:
                 strategy = strategy_for(rank, self.groups, self.placement)
                 name = f"{self.name_prefix}{gen}-rank{rank.global_rank}"
                 self.workers[rank.global_rank] = spawn_worker(rank, self.layout, strategy, runtime_env, name)
@@ -362,6 +362,7 @@ class RayExecutor:
         self.recovery.join(timeout_s=5.0)   # rebuild threads notice `closed` within a poll
         if not ray.is_initialized():
             return
+        self.standby.shutdown()
         alive = [w for w in self.workers if w is not None]
         if self.dead is None and alive:   # polite first: leave the process groups (bounded)
             quietly(ray.wait, [w.actor.shutdown.remote() for w in alive], num_returns=len(alive), timeout=2.0)

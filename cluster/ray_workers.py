@@ -107,10 +107,11 @@ def _placed(entry: dict, alive: set[str]) -> bool:
 
 
 def spawn_worker(rank: RankInfo, layout: Layout, strategy: PlacementGroupSchedulingStrategy,
-                 runtime_env: dict, name: str) -> Worker:
-    """One `ShardWorker` actor pinned to its bundle; never restarted by Ray (the executor decides)."""
+                 runtime_env: dict, name: str, standby: bool = False) -> Worker:
+    """One `ShardWorker` actor pinned to its bundle; never restarted by Ray (the executor decides).
+    A standby (`cluster.ray_standby`) reserves nothing: the bundle's CPU is its worker's."""
     actor = ray.remote(ShardWorker).options(
-        num_cpus=layout.cpus_per_worker, num_gpus=1 if layout.use_gpu else 0,
+        num_cpus=0 if standby else layout.cpus_per_worker, num_gpus=1 if layout.use_gpu and not standby else 0,
         max_concurrency=1, max_restarts=0, max_task_retries=0,
         scheduling_strategy=strategy, runtime_env=runtime_env, name=name,
     ).remote(layout.cpus_per_worker)

@@ -86,6 +86,9 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-restarts", type=int, default=3, metavar="N",
                    help="rebuilds of an engine replica's workers after one died or hung, requests recomputed "
                    "(default 3; 0: fail-stop, Serve then replaces the replica)")
+    p.add_argument("--standby-workers", action="store_true",
+                   help="keep a started, idle actor per rank that a rebuild takes over: recovery in seconds "
+                   "for an idle process per rank (CPU only so far)")
     p.add_argument("--skip-preflight", action="store_true",
                    help="on a multi-node cluster, do not check every node first (`shardline preflight`)")
     p.set_defaults(func=run_serve)
@@ -102,8 +105,9 @@ def run_serve(args: argparse.Namespace) -> int:
                      "max_waiting_requests": args.max_waiting_requests, "max_restarts": args.max_restarts}
     if args.quantization is not None:
         engine_kwargs["quantization"] = args.quantization
-    if args.compile:
-        engine_kwargs["compile"] = True
+    for flag in ("compile", "standby_workers"):
+        if getattr(args, flag):
+            engine_kwargs[flag] = True
     if args.max_model_len is not None:
         engine_kwargs["max_model_len"] = args.max_model_len
     config = ServeConfig(

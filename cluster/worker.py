@@ -43,6 +43,17 @@ class ShardWorker:
         """Where this rank runs (for placement checks and error messages)."""
         return {"node_id": self.node_id, "node_ip": self.node_ip, "pid": self.pid, "num_threads": self.num_threads}
 
+    def prepare(self, model: str) -> dict:
+        """Import what `init` needs ahead of time - the model code, and the transformers config class of
+        `model` (a lazy import of ~3 s) - so a standby rank (`cluster.ray_standby`) starts its
+        rendezvous and load the moment a rebuild asks."""
+        import sharding.dist  # noqa: F401
+        from sharding.plan import load_hf_config
+        from sharding.runner import ModelRunner  # noqa: F401
+
+        load_hf_config(model)
+        return self.where()
+
     def get_address(self) -> tuple[str, int]:
         """(node ip, a free port) for the replica's rendezvous; asked of local rank 0 only."""
         from sharding.dist import free_port

@@ -85,6 +85,10 @@ class EngineConfig:
     max_restarts: int = 3
     """Replica rebuilds the Ray executor may do over the engine's life after a worker died, raised or
     missed the step deadline (in-flight requests are recomputed); past it, EngineDeadError. 0: fail-stop."""
+    standby_workers: bool = False
+    """Keep one started, idle Ray actor per rank (torch imported, no weights) that a rebuild takes over
+    instead of starting processes: recovery in seconds rather than a cold start, for one idle
+    process per rank. CPU only so far (cluster/ray_standby.py)."""
     quantization: str | None = None
     """Weight quantization each rank applies to its own slices at load: int8 / int4[-gN] (weight-only,
     memory first) or w8a8 (dynamic int8 activations, speed first); None keeps `dtype` weights."""
@@ -114,6 +118,7 @@ class EngineConfig:
                       hint="None (unbounded) or an integer >= 1", **_ERR)
         check_bool("enable_prefix_caching", self.enable_prefix_caching, type_err=ConfigTypeError)
         check_bool("compile", self.compile, type_err=ConfigTypeError)
+        check_bool("standby_workers", self.standby_workers, type_err=ConfigTypeError)
         check_int("seed", self.seed, lo=INT64_MIN, hi=INT64_MAX, hint="a 64-bit signed integer", **_ERR)
         check_int("max_logprobs", self.max_logprobs, lo=0, **_ERR)
         check_int("max_restarts", self.max_restarts, lo=0, hi=1000, hint="an integer in [0, 1000] (0: fail-stop)",

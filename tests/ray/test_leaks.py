@@ -62,7 +62,9 @@ def test_llm_create_destroy_cycles_leak_nothing(tiny_llama_dir, ray_local):
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     marks, want = [], None
     for cycle in range(LEAK_CYCLES):
-        with LLM(str(tiny_llama_dir), pipeline_parallel_size=2, address=ray_local) as llm:
+        # every other cycle with standby actors (cluster/ray_standby.py): they must go with the engine
+        with LLM(str(tiny_llama_dir), pipeline_parallel_size=2, address=ray_local,
+                 standby_workers=cycle % 2 == 1) as llm:
             tokens = llm.generate({"prompt_token_ids": [5, 6, 7]}, params, use_tqdm=False)[0].outputs[0].token_ids
         assert want is None or tokens == want
         want = tokens
