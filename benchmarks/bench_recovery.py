@@ -71,7 +71,7 @@ def run_mode(model: str, args, standby: bool) -> dict:
     try:
         for k in range(args.kills):
             if standby:   # a rebuild finds its standbys started (they start in the background after each one)
-                ray.get([a.ping.remote() for a in llm.executor.standby.actors.values()])
+                llm.executor.standby.wait_full(300.0)
             workers = [w for w in llm.executor.workers if w is not None]
             victim = workers[(k + 1) % len(workers)]
             t_fault = time.monotonic()

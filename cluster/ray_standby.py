@@ -11,13 +11,16 @@ process group and load the rank's slices - and a new set is started once the rep
 Standbys reserve no CPU (`num_cpus=0`): the bundle's CPU stays reserved for the rank's worker,
 and a standby that becomes the worker runs on it once the dead worker is gone. The price is one
 idle process per rank (torch imported, no weights) and, after every rebuild, CPU to start the
-next set in the background. CPU only so far: on a GPU node Ray gives a GPU only to an actor that
-asks for one, and a bundle holds one GPU for its worker.
+next set in the background - one standby at a time, at a lower CPU priority (nice +10 until it
+is taken into service), so the ranks that serve keep their cores and meet their step deadlines.
+CPU only so far: on a GPU node Ray gives a GPU only to an actor that asks for one, and a bundle
+holds one GPU for its worker.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,8 +45,10 @@ class Standby:
 
     def __init__(self, executor: RayExecutor) -> None:
         self.ex = executor
-        self.actors: dict[int, ray.actor.ActorHandle] = {}   # global rank -> a started (or starting) standby
+        self.actors: dict[int, ray.actor.ActorHandle] = {}   # global rank -> a started standby
         self._sets = 0                                      # sets started: new actor names
+        self._lock = threading.Condition()                  # guards `actors` (the fill thread adds to it)
+        self._starting: list[ray.actor.ActorHandle] = []    # spawned, not yet prepared
 
     @property
     def enabled(self) -> bool:
@@ -56,26 +61,55 @@ class Standby:
                               "own in the worker's bundle; drop standby_workers or use_gpu", "standby_workers", True)
 
     def fill(self, replicas: list[int]) -> None:
-        """Start a standby for every rank of these replicas that has none; returns at once."""
+        """Start a standby for every rank of these replicas that has none, one after another in a
+        background thread; returns at once."""
         if not self.enabled or self.ex.closed:
             return
         self._sets += 1
+        threading.Thread(target=self._fill, args=(list(replicas), self._sets), daemon=True,
+                         name=f"shardline-standby-{self._sets}").start()
+
+    def _fill(self, replicas: list[int], set_no: int) -> None:
         ex = self.ex
         for rank in ex.ranks:
-            if rank.replica in replicas and rank.global_rank not in self.actors:
-                name = f"{ex.name_prefix}-standby{self._sets}-rank{rank.global_rank}"
-                worker = spawn_worker(rank, ex.layout, strategy_for(rank, ex.groups, ex.placement),
-                                      worker_runtime_env(REPO_ROOT), name, standby=True)
-                worker.actor.prepare.remote(ex.config.model)   # imports now; Ray runs the later `where`/`init` after it
-                self.actors[rank.global_rank] = worker.actor
+            if rank.replica not in replicas or rank.global_rank in self.actors or ex.closed:
+                continue
+            name = f"{ex.name_prefix}-standby{set_no}-rank{rank.global_rank}"
+            actor = spawn_worker(rank, ex.layout, strategy_for(rank, ex.groups, ex.placement),
+                                 worker_runtime_env(REPO_ROOT), name, standby=True).actor
+            with self._lock:
+                self._starting.append(actor)
+            try:   # imports now (torch, the model code, the HF config class), then it waits
+                ray.get(actor.prepare.remote(ex.config.model), timeout=ex.config.startup_timeout_s or 300.0)
+            except Exception as e:   # noqa: BLE001 - a standby that cannot start only costs speed
+                quietly(ray.kill, actor, no_restart=True)
+                if not ex.closed:
+                    logger.warning("a standby worker for %s did not start (%s); its replica's next rebuild "
+                                   "starts new actors", rank.describe(), e)
+                return
+            finally:
+                with self._lock:
+                    self._starting.remove(actor)
+            with self._lock:
+                if ex.closed:
+                    quietly(ray.kill, actor, no_restart=True)
+                    return
+                self.actors[rank.global_rank] = actor
+                self._lock.notify_all()
+
+    def wait_full(self, timeout_s: float) -> bool:
+        """Block (at most `timeout_s`) until every rank has a started standby (tests, benchmarks)."""
+        with self._lock:
+            return self._lock.wait_for(lambda: len(self.actors) == len(self.ex.ranks), timeout_s)
 
     def take(self, replica: int) -> dict[int, ray.actor.ActorHandle]:
         """All of this replica's standbys (global rank -> actor), removed from the set; {} unless every
         rank has one (a replica is rebuilt whole)."""
         ranks = [r.global_rank for r in self.ex.ranks if r.replica == replica]
-        if not ranks or any(g not in self.actors for g in ranks):
-            return {}
-        taken = {g: self.actors.pop(g) for g in ranks}
+        with self._lock:
+            if not ranks or any(g not in self.actors for g in ranks):
+                return {}
+            taken = {g: self.actors.pop(g) for g in ranks}
         if not self._alive(list(taken.values())):   # e.g. their node died with the worker's
             for actor in taken.values():
                 quietly(ray.kill, actor, no_restart=True)
@@ -86,7 +120,7 @@ class Standby:
 
     @staticmethod
     def _alive(actors: list) -> bool:
-        """False if any of them is known dead; one still busy starting up counts as alive."""
+        """False if any of them is known dead (all are prepared: one that does not answer in time is busy)."""
         pings = [a.ping.remote() for a in actors]
         ready, _ = ray.wait(pings, num_returns=len(pings), timeout=ALIVE_WAIT_S)
         try:
@@ -96,6 +130,8 @@ class Standby:
         return True
 
     def shutdown(self) -> None:
-        for actor in self.actors.values():
+        """Kill every standby, started or starting (the executor is closed: the fill thread stops)."""
+        with self._lock:
+            actors, self.actors = list(self.actors.values()) + self._starting, {}
+        for actor in actors:
             quietly(ray.kill, actor, no_restart=True)
-        self.actors = {}

@@ -114,7 +114,7 @@ def spawn_worker(rank: RankInfo, layout: Layout, strategy: PlacementGroupSchedul
         num_cpus=0 if standby else layout.cpus_per_worker, num_gpus=1 if layout.use_gpu and not standby else 0,
         max_concurrency=1, max_restarts=0, max_task_retries=0,
         scheduling_strategy=strategy, runtime_env=runtime_env, name=name,
-    ).remote(layout.cpus_per_worker)
+    ).remote(layout.cpus_per_worker, standby)
     return Worker(rank, actor)
 
 

@@ -15,6 +15,7 @@ device) takes it with NCCL.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -24,11 +25,16 @@ import torch
 
 from cluster.placement import torch_threads_for
 
+STANDBY_NICE = 10   # a standby imports at a lower CPU priority, so it does not slow the ranks that serve
+
 
 class ShardWorker:
     """One rank: joins its replica's process group, loads its shard, runs steps."""
 
-    def __init__(self, cpu_share: float) -> None:
+    def __init__(self, cpu_share: float, standby: bool = False) -> None:
+        self.priority = os.getpriority(os.PRIO_PROCESS, 0)
+        if standby:   # until `init` takes it into service (cluster/ray_standby.py)
+            _set_priority(self.priority + STANDBY_NICE)
         self.num_threads = torch_threads_for(cpu_share)
         torch.set_num_threads(self.num_threads)
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -68,6 +74,8 @@ class ShardWorker:
         where the rank runs) and how long each part took, in seconds.
         """
         t0 = time.perf_counter()
+        if os.getpriority(os.PRIO_PROCESS, 0) != self.priority:   # a standby taken into service
+            _set_priority(self.priority)
         from sharding.dist import init_replica
         from sharding.runner import ModelRunner
 
@@ -129,3 +137,14 @@ class ShardWorker:
         if self.groups is not None:
             self.groups.destroy()
             self.groups = None
+
+
+def _set_priority(nice: int) -> None:
+    """Every thread of this process to `nice` (Linux keeps one per thread). Raising it back needs
+    CAP_SYS_NICE or RLIMIT_NICE room; without them the rank keeps the standby's lower priority."""
+    tids = [int(t) for t in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else [0]
+    try:
+        for tid in tids:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except (PermissionError, ProcessLookupError) as e:
+        logging.getLogger(__name__).warning("could not set this worker's CPU priority to nice %d: %s", nice, e)

@@ -156,7 +156,8 @@ def expected(llm):
 
 
 def standby_pids(llm: LLM, wait_s: float = 60.0) -> set[int]:
-    """Pids of the executor's standby actors, once they have started (at most `wait_s`)."""
+    """Pids of the executor's standby actors, once every rank has one (at most `wait_s`)."""
+    llm.executor.standby.wait_full(wait_s)
     pings = [a.ping.remote() for a in llm.executor.standby.actors.values()]
     ready, _ = ray.wait(pings, num_returns=len(pings), timeout=wait_s)
     return {ray.get(r)["pid"] for r in ready}
