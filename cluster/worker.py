@@ -32,9 +32,12 @@ class ShardWorker:
     """One rank: joins its replica's process group, loads its shard, runs steps."""
 
     def __init__(self, cpu_share: float, standby: bool = False) -> None:
-        self.priority = os.getpriority(os.PRIO_PROCESS, 0)
-        if standby:   # until `init` takes it into service (cluster/ray_standby.py)
-            _set_priority(self.priority + STANDBY_NICE)
+        # Linux keeps a nice value per thread: Ray renices a worker's main thread (RAY_worker_niceness)
+        # after its own threads started. A standby lowers every thread's priority until `init` takes it
+        # into service (cluster/ray_standby.py) and then restores each one's.
+        self.priorities = _priorities() if standby else {}
+        for tid, nice in self.priorities.items():
+            _renice(tid, min(19, nice + STANDBY_NICE))
         self.num_threads = torch_threads_for(cpu_share)
         torch.set_num_threads(self.num_threads)
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -74,8 +77,11 @@ class ShardWorker:
         where the rank runs) and how long each part took, in seconds.
         """
         t0 = time.perf_counter()
-        if os.getpriority(os.PRIO_PROCESS, 0) != self.priority:   # a standby taken into service
-            _set_priority(self.priority)
+        if self.priorities:   # a standby taken into service; threads started since then get the main thread's
+            main = self.priorities.get(self.pid, 0)
+            for tid in _priorities():
+                _renice(tid, self.priorities.get(tid, main))
+            self.priorities = {}
         from sharding.dist import init_replica
         from sharding.runner import ModelRunner
 
@@ -139,12 +145,18 @@ class ShardWorker:
             self.groups = None
 
 
-def _set_priority(nice: int) -> None:
-    """Every thread of this process to `nice` (Linux keeps one per thread). Raising it back needs
-    CAP_SYS_NICE or RLIMIT_NICE room; without them the rank keeps the standby's lower priority."""
-    tids = [int(t) for t in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else [0]
+def _priorities() -> dict[int, int]:
+    """{thread id: nice} of this process's threads."""
+    tids = [int(t) for t in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else [os.getpid()]
+    return {tid: os.getpriority(os.PRIO_PROCESS, tid) for tid in tids}
+
+
+def _renice(tid: int, nice: int) -> None:
+    """Raising a priority back needs CAP_SYS_NICE or RLIMIT_NICE room; without them the thread keeps
+    the standby's lower one (logged)."""
     try:
-        for tid in tids:
-            os.setpriority(os.PRIO_PROCESS, tid, nice)
-    except (PermissionError, ProcessLookupError) as e:
-        logging.getLogger(__name__).warning("could not set this worker's CPU priority to nice %d: %s", nice, e)
+        os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except ProcessLookupError:   # the thread ended meanwhile
+        pass
+    except PermissionError as e:
+        logging.getLogger(__name__).warning("could not set thread %d's CPU priority to nice %d: %s", tid, nice, e)

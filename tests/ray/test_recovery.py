@@ -38,6 +38,7 @@ PROMPTS = mixed_prompts(vocab=509, lengths=(3, 17, 7, 12, 25, 5))
 MAX_TOKENS = 20
 STEP_TIMEOUT_S = 4.0
 MAX_RESTARTS = 4
+NICE = []                       # the priority of the module engine's serving ranks (set by its fixture)
 
 
 def pid_alive(pid: int) -> bool:
@@ -113,6 +114,7 @@ def llm(tiny_llama_dir, ray_local):
     llm = LLM(str(tiny_llama_dir), tensor_parallel_size=2, pipeline_parallel_size=2, address=ray_local,
               max_restarts=MAX_RESTARTS, step_timeout_s=STEP_TIMEOUT_S, collective_timeout_s=10.0,
               standby_workers=True)
+    NICE[:] = nice_of([w.pid for w in llm.executor.workers])   # the serving ranks' priority
     try:
         yield llm
     finally:
@@ -160,7 +162,15 @@ def standby_pids(llm: LLM, wait_s: float = 60.0) -> set[int]:
     llm.executor.standby.wait_full(wait_s)
     pings = [a.ping.remote() for a in llm.executor.standby.actors.values()]
     ready, _ = ray.wait(pings, num_returns=len(pings), timeout=wait_s)
-    return {ray.get(r)["pid"] for r in ready}
+    pids = {ray.get(r)["pid"] for r in ready}
+    # a waiting standby computes below the serving ranks (at most nice 19: Ray may start workers at 15)
+    assert nice_of(pids) == {min(19, NICE[0] + 10)} and NICE[0] < 19
+    return pids
+
+
+def nice_of(pids) -> set[int]:
+    """The nice values of these processes' main threads (the ones that compute, with torch's threads)."""
+    return {os.getpriority(os.PRIO_PROCESS, pid) for pid in pids}
 
 
 def worker(llm: LLM, pp: int, tp: int):
@@ -175,6 +185,7 @@ def check_recovered(llm, expected, result, victim, cause: str, detect_bound_s: f
     done, streamed, injected_at = result
     assert len(standby) == 4, "the replica had a standby actor per rank before the fault"
     assert {w.pid for w in llm.executor.workers} == standby, "the rebuild did not take over the standby actors"
+    assert nice_of(standby) == {NICE[0]}, "a worker taken from the standbys runs at a worker's priority again"
     assert injected_at is not None, "the run ended before the fault"
     assert done == expected, "outputs after the recovery differ from the undisturbed run"
     assert streamed == expected, "a stream repeated or lost a token across the recovery"
