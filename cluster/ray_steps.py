@@ -44,6 +44,24 @@ class Failure:
     exc: BaseException | None
 
 
+@dataclass
+class InFlight:
+    """Micro-batches `submit`ted and not yet collected: per step the sampling rank's ref."""
+
+    steps: list[StepInput]
+    refs: dict                          # ref -> worker, in submission order
+    out_refs: list
+
+
+def check_ready(steps: list[StepInput], ready: frozenset[int], num_replicas: int) -> None:
+    """ValueError naming the first step whose replica may not take steps now."""
+    bad = [s.replica for s in steps if s.replica not in ready]
+    if bad:
+        why = "is being rebuilt" if 0 <= bad[0] < num_replicas else f"is out of range({num_replicas})"
+        raise ValueError(f"StepInput.replica={bad[0]} {why}: schedule only executor.ready_replicas "
+                         f"({sorted(ready)})")
+
+
 def submit(steps: list[StepInput], workers_of: Callable[[list[int]], list[Worker]],
            last_stage: int) -> tuple[dict, list]:
     """Send each step to every worker of its replica -> ({ref: worker} in submission order,
