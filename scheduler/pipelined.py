@@ -117,6 +117,15 @@ class PipelinedEngine(LLMEngine):
                 self.executor.wait_ready(0.25)   # every replica is being rebuilt: no busy loop
             return self._outputs(changed)
 
+    def drain(self) -> list[RequestOutput]:
+        """Collect every micro-batch in flight without submitting more (a benchmark's round ends
+        with an empty pipeline, so nothing runs on the ranks during the next measurement)."""
+        with self._step_lock:
+            changed: set[str] = set()
+            while self._flights:
+                changed |= self._collect_oldest()
+            return self._outputs(changed)
+
     def _submit_idle_lanes(self, ready: frozenset[int]) -> None:
         busy = {f.lane for f in self._flights}
         for v in sorted(ready - busy):
