@@ -20,7 +20,8 @@ Per `execute(steps)`: `cluster.ray_steps` sends every micro-batch to every worke
 and collects the results with a deadline (`step_timeout_s`), replica by replica: a dead actor, a
 raised exception or a rank still busy at the deadline fails that replica, named by rank, node,
 pid and cause, and its other workers are killed at once so nothing hangs; the other replicas'
-results are still collected.
+results are still collected. `submit` + `collect` are the same call in two halves, for the
+pipelined engine (`scheduler.pipelined`) that keeps micro-batches in flight across steps.
 
 Recovery (`cluster.ray_recovery`): `execute` raises `ReplicasFailedError` at once with the
 healthy replicas' outputs, and the failed replica is rebuilt in a background thread (its own

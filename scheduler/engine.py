@@ -3,7 +3,8 @@
 One `step()`:
 1. apply the requests added and aborted since the last step (any thread may add or abort);
 2. `schedule()` every replica's `Scheduler`;
-3. build the `StepInput`s of every replica's micro-batches and make ONE `executor.execute` call;
+3. build the `StepInput`s of every replica's micro-batches and make ONE `executor.execute` call
+   (with P > 1 stages, `scheduler.pipelined.PipelinedEngine` keeps them in flight across steps);
 4. append the sampled tokens, detokenize, check stop conditions (EOS unless ignore_eos,
    stop_token_ids, stop strings, max_tokens, max_model_len), free finished sequences;
 5. return a cumulative `RequestOutput` for every request that got a token or finished.
