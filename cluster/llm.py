@@ -25,7 +25,6 @@ from scheduler import validation
 from scheduler.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from scheduler.checks import check_bool, check_int, check_str
 from scheduler.config import EngineConfig
-from scheduler.pipelined import make_engine
 from scheduler.errors import (
     ConfigError,
     ConfigTypeError,
@@ -37,6 +36,7 @@ from scheduler.errors import (
     reject_unknown,
     show,
 )
+from scheduler.pipelined import make_engine
 from scheduler.request import RequestOutput
 from scheduler.sampling_params import SamplingParams
 from scheduler.streaming import OutputDeltas

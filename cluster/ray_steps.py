@@ -4,8 +4,9 @@
 up to P micro-batches are in the pipeline together; Ray runs each actor's calls in submission
 order, so every rank sees the micro-batches in the same order and the stages' send and recv
 pairs match - also across calls: `submit` returns at once (an `InFlight`), so the pipelined
-engine (`scheduler.pipelined`) keeps micro-batches of consecutive steps in flight. The sampling rank (last stage, TP rank 0) returns the `StepOutput`; the other
-ranks' results are awaited too so that an error anywhere surfaces.
+engine (`scheduler.pipelined`) keeps micro-batches of consecutive steps in flight. The sampling
+rank (last stage, TP rank 0) returns the `StepOutput`; the other ranks' results are awaited too
+so that an error anywhere surfaces.
 
 Two ways to wait, both a `ray.wait` loop that wakes every `POLL_S`:
 - `collect` (steps): replica by replica - a dead actor, a raised exception or a rank still busy
