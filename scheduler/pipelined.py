@@ -38,7 +38,7 @@ import logging
 from collections import deque
 from typing import Any, Protocol, runtime_checkable
 
-from scheduler.engine import LLMEngine
+from scheduler.engine import READY_WAIT_S, LLMEngine
 from scheduler.executor import ReplicaFailure, ReplicasFailedError
 from scheduler.request import RequestOutput
 from scheduler.scheduler import Scheduler, SchedulerOutput
@@ -114,7 +114,7 @@ class PipelinedEngine(LLMEngine):
             if self._flights:
                 changed |= self._collect_oldest()
             elif not ready and any(s.has_unfinished() for s in self.schedulers):
-                self.executor.wait_ready(0.25)   # every replica is being rebuilt: no busy loop
+                self.executor.wait_ready(READY_WAIT_S)   # every replica is being rebuilt: no busy loop
             return self._outputs(changed)
 
     def drain(self) -> list[RequestOutput]:
