@@ -6,7 +6,10 @@ For each model every layout is started once and kept alive, then measured in int
 
 - single: `LLM(model)`, one rank in this process, 2 torch threads (--threads);
 - PP=2:   `LLM(model, pipeline_parallel_size=2)`, two Ray workers of 1 CPU = 1 thread each;
-  the engine splits each step's batch into 2 micro-batches so both stages have work;
+  the sequences are split into 2 lanes, one micro-batch of each always in flight
+  (`scheduler.pipelined`);
+- PP=2-drain: the same with `pipeline_overlap=False`: each step's batch is split into 2
+  micro-batches and the pipeline drains before the next step;
 - TP=T:   `LLM(model, tensor_parallel_size=T)`, T Ray workers of 1 thread each (with more
   workers than cores, TP=3 and TP=4 share the cores: compare them on a machine with >= T cores);
 - DP=2:   `LLM(model, data_parallel_size=2)`, two whole-model replicas of 1 thread each; the engine
@@ -45,8 +48,9 @@ from benchmarks import common  # noqa: E402  (first: it sets OpenMP's wait polic
 # isort: on
 from benchmarks.workload import same_length_prompts  # noqa: E402
 
-LAYOUTS = {"single": (1, 1, 1), "PP=2": (1, 2, 1), "TP=2": (2, 1, 1), "TP=3": (3, 1, 1), "TP=4": (4, 1, 1),
-           "DP=2": (1, 1, 2)}   # name -> (tp, pp, dp)
+LAYOUTS = {"single": (1, 1, 1), "PP=2": (1, 2, 1), "PP=2-drain": (1, 2, 1), "TP=2": (2, 1, 1), "TP=3": (3, 1, 1),
+           "TP=4": (4, 1, 1), "DP=2": (1, 1, 2)}   # name -> (tp, pp, dp)
+OPTIONS = {"PP=2-drain": {"pipeline_overlap": False}}   # name -> extra LLM keywords
 
 
 def start_ray(num_cpus: int) -> float:
@@ -73,12 +77,12 @@ def start_ray(num_cpus: int) -> float:
     return time.perf_counter() - start
 
 
-def start_layout(model: str, tp: int, pp: int, args, dp: int = 1) -> tuple[object, float]:
+def start_layout(model: str, tp: int, pp: int, args, dp: int = 1, **options) -> tuple[object, float]:
     """(LLM, seconds from LLM(...) to the first token of a 1-token request)."""
     from cluster import LLM, SamplingParams
     vocab = json.loads((pathlib.Path(model) / "config.json").read_text())["vocab_size"]
     start = time.perf_counter()
-    extra = {} if tp * pp * dp == 1 else {"cpus_per_worker": 1.0}
+    extra = ({} if tp * pp * dp == 1 else {"cpus_per_worker": 1.0}) | options
     llm = LLM(model, tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp,
               max_num_seqs=max(args.batches),
               max_num_batched_tokens=max(2048, max(args.batches) * args.prompt_len), max_model_len=256, **extra)
@@ -105,10 +109,15 @@ class DecodeRun:
                 counts[o.request_id] = len(o.outputs[0].token_ids)
 
     def time_steps(self, steps: int) -> float:
+        """Seconds per `steps` x batch tokens / batch. A pipelined engine's step returns one lane's
+        tokens: it steps until as many tokens came back, then drains (nothing left running)."""
         start = time.perf_counter()
-        for _ in range(steps):
-            self.engine.step()
-        return (time.perf_counter() - start) / steps
+        produced, want = 0, steps * len(self.rids)
+        while produced < want:
+            produced += len(self.engine.step())
+        if hasattr(self.engine, "drain"):
+            produced += len(self.engine.drain())
+        return (time.perf_counter() - start) / (produced / len(self.rids))
 
     def close(self) -> None:
         for rid in self.rids:
@@ -130,7 +139,7 @@ def bench_model(name: str, model: str, args) -> dict:
             invalid[layout] = str(e).split(";")[0]
             continue
         print(f"{name}: starting {layout}", file=sys.stderr)
-        llms[layout], startup[layout] = start_layout(model, tp, pp, args, dp)
+        llms[layout], startup[layout] = start_layout(model, tp, pp, args, dp, **OPTIONS.get(layout, {}))
     from tqdm.auto import tqdm
     steps: dict[int, dict[str, float]] = {}
     try:
@@ -183,7 +192,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", help="real model folder (default: the bundled SmolLM2, converted once)")
     ap.add_argument("--models", nargs="+", default=["smollm2", "tiny"], choices=["smollm2", "tiny"])
     ap.add_argument("--layouts", nargs="+", choices=[lay for lay in LAYOUTS if lay != "single"],
-                    help="layouts against the single rank (default: PP=2 TP=2 TP=3 DP=2; --quick: PP=2 TP=2 DP=2)")
+                    help="layouts against the single rank (default: PP=2 PP=2-drain TP=2 TP=3 DP=2; --quick: PP=2 "
+                    "PP=2-drain TP=2 DP=2)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 64])
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--steps", type=int, default=8, help="engine steps per timed round (default: 8)")
@@ -198,7 +208,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.models, args.batches, args.steps, args.reps = ["tiny"], [1, 4], 4, 2
     if args.layouts is None:
-        args.layouts = ["PP=2", "TP=2", "DP=2"] if args.quick else ["PP=2", "TP=2", "TP=3", "DP=2"]
+        args.layouts = ["PP=2", "PP=2-drain", "TP=2", "DP=2"] if args.quick else ["PP=2", "PP=2-drain", "TP=2",
+                                                                                  "TP=3", "DP=2"]
     return args
 
 

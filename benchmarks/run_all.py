@@ -56,7 +56,7 @@ SUITE_DEFAULTS = {
     "roofline": ["--reps", "12", "--compile"],   # --compile: eager vs compile=True decode steps, same run
     "throughput": ["--num-requests", "96"],
     "serve": ["--num-requests", "64", "--rounds", "1", "--stream-levels", "1", "--latency-requests", "8"],
-    "scaling": ["--layouts", "PP=2", "TP=2", "DP=2", "--batches", "1", "32", "64"],
+    "scaling": ["--layouts", "PP=2", "PP=2-drain", "TP=2", "DP=2", "--batches", "1", "32", "64"],
     "memory": [],
     "transport": ["--steps", "100"],
 }

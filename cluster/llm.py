@@ -25,7 +25,6 @@ from scheduler import validation
 from scheduler.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from scheduler.checks import check_bool, check_int, check_str
 from scheduler.config import EngineConfig
-from scheduler.engine import LLMEngine
 from scheduler.errors import (
     ConfigError,
     ConfigTypeError,
@@ -37,6 +36,7 @@ from scheduler.errors import (
     reject_unknown,
     show,
 )
+from scheduler.pipelined import make_engine
 from scheduler.request import RequestOutput
 from scheduler.sampling_params import SamplingParams
 from scheduler.streaming import OutputDeltas
@@ -110,7 +110,7 @@ class LLM:
         if getattr(self.executor, "plan", None) is not None:   # the layout and its imbalance, in the log
             logger.info("shard plan:\n%s", self.executor.plan.describe())
         try:
-            self.engine = LLMEngine(self.config, self.executor, self.tokenizer, self.eos_token_ids, max_model_len)
+            self.engine = make_engine(self.config, self.executor, self.tokenizer, self.eos_token_ids, max_model_len)
         except BaseException:
             self.executor.shutdown()
             raise

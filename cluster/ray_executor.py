@@ -20,7 +20,8 @@ Per `execute(steps)`: `cluster.ray_steps` sends every micro-batch to every worke
 and collects the results with a deadline (`step_timeout_s`), replica by replica: a dead actor, a
 raised exception or a rank still busy at the deadline fails that replica, named by rank, node,
 pid and cause, and its other workers are killed at once so nothing hangs; the other replicas'
-results are still collected.
+results are still collected. `submit` + `collect` are the same call in two halves, for the
+pipelined engine (`scheduler.pipelined`) that keeps micro-batches in flight across steps.
 
 Recovery (`cluster.ray_recovery`): `execute` raises `ReplicasFailedError` at once with the
 healthy replicas' outputs, and the failed replica is rebuilt in a background thread (its own
@@ -54,7 +55,7 @@ from cluster.placement import Layout, ResourceError, check_resources, default_cp
 from cluster.ray_connect import connect, worker_runtime_env
 from cluster.ray_recovery import Recovery
 from cluster.ray_standby import Standby
-from cluster.ray_steps import Failure, collect, decode, submit, wait_all
+from cluster.ray_steps import Failure, InFlight, check_ready, collect, decode, submit, wait_all
 from cluster.ray_workers import (
     ExistingGroup,
     PlacementTimeoutError,
@@ -268,27 +269,26 @@ class RayExecutor:
     # ------------------------------------------------------------------ steps
 
     def execute(self, steps: list[StepInput]) -> list[StepOutput]:
-        """Run every micro-batch; one `StepOutput` per input, same order (see `cluster.ray_steps`).
+        """Run every micro-batch; one `StepOutput` per input, same order (see `cluster.ray_steps`). A
+        replica whose rank died, raised or missed the step deadline starts its rebuild in the background
+        and `ReplicasFailedError` carries the other replicas' outputs (see `cluster.ray_recovery`)."""
+        return self.collect(self.submit(steps))
 
-        A replica whose rank died, raised or missed the step deadline starts its rebuild in the
-        background and `ReplicasFailedError` carries the other replicas' outputs (see
-        `cluster.ray_recovery`).
-        """
+    def submit(self, steps: list[StepInput]) -> InFlight:
+        """Send micro-batches to their workers and return at once (`collect` them in submission order)."""
         if self.dead is not None or self.closed:
             raise EngineDeadError(self.dead or "the executor was shut down")
-        ready = self.recovery.ready
-        bad = [s.replica for s in steps if s.replica not in ready]
-        if bad:
-            why = "is being rebuilt" if 0 <= bad[0] < self.num_replicas else f"is out of range({self.num_replicas})"
-            raise ValueError(f"StepInput.replica={bad[0]} {why}: schedule only executor.ready_replicas "
-                             f"({sorted(ready)})")
-        refs, out_refs = submit(steps, self._workers_of, self.layout.pp - 1)
+        check_ready(steps, self.recovery.ready, self.num_replicas)
+        return InFlight(steps, *submit(steps, self._workers_of, self.layout.pp - 1))
+
+    def collect(self, flight: InFlight) -> list[StepOutput]:
+        """`submit`ted micro-batches' outputs, waiting at most step_timeout_s from now; fails as `execute`."""
         values: dict = {}
-        failures = collect(refs, values, time.monotonic() + self.step_timeout_s, "step",
+        failures = collect(flight.refs, values, time.monotonic() + self.step_timeout_s, "step",
                            f"step_timeout_s={self.step_timeout_s:g}", self._failure)
         fatal = partial(self._fail, fatal=True)
-        outputs = [None if step.replica in failures else decode(step, ref, values, refs, fatal)
-                   for step, ref in zip(steps, out_refs, strict=True)]
+        outputs = [None if step.replica in failures else decode(step, ref, values, flight.refs, fatal)
+                   for step, ref in zip(flight.steps, flight.out_refs, strict=True)]
         if failures:
             self.recovery.start(failures)
             raise ReplicasFailedError([ReplicaFailure(f.replica, f.cause, f.detected_at) for f in failures.values()],

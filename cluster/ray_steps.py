@@ -3,8 +3,10 @@
 `submit` encodes every `StepInput` once and sends it to every worker of its replica at once, so
 up to P micro-batches are in the pipeline together; Ray runs each actor's calls in submission
 order, so every rank sees the micro-batches in the same order and the stages' send and recv
-pairs match. The sampling rank (last stage, TP rank 0) returns the `StepOutput`; the other
-ranks' results are awaited too so that an error anywhere surfaces.
+pairs match - also across calls: `submit` returns at once (an `InFlight`), so the pipelined
+engine (`scheduler.pipelined`) keeps micro-batches of consecutive steps in flight. The sampling
+rank (last stage, TP rank 0) returns the `StepOutput`; the other ranks' results are awaited too
+so that an error anywhere surfaces.
 
 Two ways to wait, both a `ray.wait` loop that wakes every `POLL_S`:
 - `collect` (steps): replica by replica - a dead actor, a raised exception or a rank still busy
@@ -42,6 +44,24 @@ class Failure:
     cause: str
     detected_at: float                  # time.monotonic()
     exc: BaseException | None
+
+
+@dataclass
+class InFlight:
+    """Micro-batches `submit`ted and not yet collected: per step the sampling rank's ref."""
+
+    steps: list[StepInput]
+    refs: dict                          # ref -> worker, in submission order
+    out_refs: list
+
+
+def check_ready(steps: list[StepInput], ready: frozenset[int], num_replicas: int) -> None:
+    """ValueError naming the first step whose replica may not take steps now."""
+    bad = [s.replica for s in steps if s.replica not in ready]
+    if bad:
+        why = "is being rebuilt" if 0 <= bad[0] < num_replicas else f"is out of range({num_replicas})"
+        raise ValueError(f"StepInput.replica={bad[0]} {why}: schedule only executor.ready_replicas "
+                         f"({sorted(ready)})")
 
 
 def submit(steps: list[StepInput], workers_of: Callable[[list[int]], list[Worker]],

@@ -30,6 +30,9 @@ class EngineConfig:
     """Ranks that split every layer's heads and columns (T)."""
     pipeline_parallel_size: int = 1
     """Stages that split the layers (P); the scheduler keeps up to P micro-batches in flight."""
+    pipeline_overlap: bool = True
+    """With P > 1: keep P micro-batch streams in flight across steps (`scheduler.pipelined`);
+    False: split each step into P micro-batches and drain the pipeline before the next step."""
     data_parallel_size: int = 1
     """Independent replicas of the whole T x P group (D)."""
     dtype: str = "float32"
@@ -119,6 +122,7 @@ class EngineConfig:
         check_bool("enable_prefix_caching", self.enable_prefix_caching, type_err=ConfigTypeError)
         check_bool("compile", self.compile, type_err=ConfigTypeError)
         check_bool("standby_workers", self.standby_workers, type_err=ConfigTypeError)
+        check_bool("pipeline_overlap", self.pipeline_overlap, type_err=ConfigTypeError)
         check_int("seed", self.seed, lo=INT64_MIN, hi=INT64_MAX, hint="a 64-bit signed integer", **_ERR)
         check_int("max_logprobs", self.max_logprobs, lo=0, **_ERR)
         check_int("max_restarts", self.max_restarts, lo=0, hi=1000, hint="an integer in [0, 1000] (0: fail-stop)",

@@ -3,7 +3,8 @@
 One `step()`:
 1. apply the requests added and aborted since the last step (any thread may add or abort);
 2. `schedule()` every replica's `Scheduler`;
-3. build the `StepInput`s of every replica's micro-batches and make ONE `executor.execute` call;
+3. build the `StepInput`s of every replica's micro-batches and make ONE `executor.execute` call
+   (with P > 1 stages, `scheduler.pipelined.PipelinedEngine` keeps them in flight across steps);
 4. append the sampled tokens, detokenize, check stop conditions (EOS unless ignore_eos,
    stop_token_ids, stop strings, max_tokens, max_model_len), free finished sequences;
 5. return a cumulative `RequestOutput` for every request that got a token or finished.
@@ -178,7 +179,7 @@ class LLMEngine:
         with self._step_lock:
             self._take_recoveries()
             changed = self._apply_inboxes()
-            ready = self.executor.ready_replicas
+            ready = self._ready_engines()
             self._move_from_unready(ready)
             plans = [s.schedule() if r in ready else SchedulerOutput() for r, s in enumerate(self.schedulers)]
             steps: list[StepInput] = []
@@ -216,6 +217,10 @@ class LLMEngine:
             sched.forget_ranks()
             logger.warning("replica %d failed (%s); rebuilding it; %d unfinished sequences re-queued for "
                            "recompute", f.replica, f.cause, n)
+
+    def _ready_engines(self) -> frozenset[int]:
+        """Indices into `schedulers` that may be scheduled now (one scheduler per ready replica)."""
+        return self.executor.ready_replicas
 
     def _move_from_unready(self, ready: frozenset[int]) -> None:
         """Requests queued on a replica that is being rebuilt move to the least loaded ready replica.
@@ -278,7 +283,7 @@ class LLMEngine:
 
     def _admit(self, req: Request) -> None:
         # a replica being rebuilt gets a request only when none is ready (it moves once one is)
-        r = self._least_loaded(self.executor.ready_replicas or range(len(self.schedulers)))
+        r = self._least_loaded(self._ready_engines() or range(len(self.schedulers)))
         req.replica = r
         order = next(self._order)
         p = req.params
@@ -378,8 +383,13 @@ class LLMEngine:
         return sum(s.num_preemptions for s in self.schedulers)
 
     @property
+    def block_managers(self) -> list:
+        """One per replica (the pipelined engine's lanes share their replica's)."""
+        return list({id(s.block_manager): s.block_manager for s in self.schedulers}.values())
+
+    @property
     def prefix_hit_tokens(self) -> int:
-        return sum(s.block_manager.prefix_hit_tokens for s in self.schedulers)
+        return sum(b.prefix_hit_tokens for b in self.block_managers)
 
     def all_blocks_free(self) -> bool:
-        return all(s.block_manager.all_free() for s in self.schedulers)
+        return all(b.all_free() for b in self.block_managers)

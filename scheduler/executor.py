@@ -8,6 +8,9 @@ healthy replicas' outputs stand) while the failed replicas are rebuilt in the ba
 `ready_replicas` says which replicas may be scheduled, `wait_ready` blocks (bounded) while none
 is, and `take_recoveries` reports each finished rebuild - or raises `EngineDeadError` when one
 failed past the restart budget.
+
+An executor that also offers `submit`/`collect` (`scheduler.pipelined.AsyncExecutor`: the Ray
+executor) lets the pipelined engine keep micro-batches of consecutive steps in flight.
 """
 
 from __future__ import annotations

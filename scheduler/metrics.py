@@ -89,8 +89,9 @@ class EngineMetrics:
         """Counters, gauges (read from the engine's schedulers) and histograms as a plain dict."""
         running = sum(len(s.running) for s in engine.schedulers)
         waiting = sum(len(s.waiting) for s in engine.schedulers)
-        total = sum(s.block_manager.num_blocks for s in engine.schedulers)
-        free = sum(s.block_manager.num_free_blocks for s in engine.schedulers)
+        managers = {id(s.block_manager): s.block_manager for s in engine.schedulers}.values()   # lanes share one
+        total = sum(b.num_blocks for b in managers)
+        free = sum(b.num_free_blocks for b in managers)
         return {
             "num_requests_running": running, "num_requests_waiting": waiting,
             "kv_cache_usage_perc": (total - free) / total if total else 0.0,

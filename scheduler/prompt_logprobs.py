@@ -19,6 +19,8 @@ def record(items, result, requests: dict) -> None:
         seq = by_id.get(seq_id)
         if seq is None:
             raise RuntimeError(f"prompt logprobs for sequence {seq_id}, which this micro-batch did not schedule")
+        if seq.is_finished:   # aborted or timed out while in flight: its request may be gone
+            continue
         req = requests[seq.request_id]
         for pos, (logprob, top) in enumerate(entries, start=first):
             d = {seq.prompt_token_ids[pos]: float(logprob)}

@@ -286,6 +286,8 @@ class Scheduler:
             by_id = {sid: (t, lp, top) for sid, t, lp, top in rows}
             for item in mb.items:
                 seq = item.seq
+                if seq.is_finished:   # aborted or timed out while in flight (pipelined engine)
+                    continue
                 seq.num_computed_tokens += item.num_new
                 self.block_manager.cache_computed_blocks(seq)
                 if item.sample:

@@ -2,7 +2,7 @@
 
 A DP=2 x PP=2 engine on a tiny model (4 workers on 0.5 CPU each). A worker of replica 0 is
 `ray.kill`ed mid-decode; its rebuild runs in the background while replica 1 keeps taking steps
-(with replica 0's re-queued requests moved to it). The test records, for every `execute` call,
+(with replica 0's re-queued requests moved to it). The test records, for every `submit` call,
 which replicas ran and which were ready, and the executor's failed/ready events: no timing
 threshold, only what happened in which order. Every greedy output equals the undisturbed run,
 during the rebuild and after it.
@@ -36,15 +36,16 @@ def llm(tiny_llama_dir, ray_local):
 
 
 def record_steps(llm: LLM) -> list[tuple[frozenset[int], frozenset[int]]]:
-    """Wrap `execute`: per call, (replicas it ran, replicas ready when it was called)."""
+    """Wrap `submit` (`execute` calls it too; the pipelined engine calls it alone): per call,
+    (replicas it ran, replicas ready when it was called)."""
     ex, calls = llm.executor, []
-    execute = ex.execute
+    submit = ex.submit
 
     def recorded(steps):
         calls.append((frozenset(s.replica for s in steps), ex.ready_replicas))
-        return execute(steps)
+        return submit(steps)
 
-    ex.execute = recorded
+    ex.submit = recorded
     return calls
 
 

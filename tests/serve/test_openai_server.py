@@ -139,7 +139,9 @@ def test_overload_answers_429_or_503_with_retry_after_and_loses_nothing(server):
     """A burst of 150 against 100 ongoing + 20 queued at the ingress and, per engine replica, 8 running +
     32 waiting: the engines' bounded queues answer 429, Serve's queue 503, both with Retry-After; every
     request gets one of 200 / 429 / 503, and every 200 is a complete output."""
-    body = {"model": MODEL, "prompt": [5, 6], "max_tokens": 32, "temperature": 0, "ignore_eos": True}
+    # 64 tokens each: long enough that the engines' queues fill even with the pipelined engine, which
+    # finishes requests faster than the burst's 150 HTTP posts arrive at 32 tokens (0 got 429 once)
+    body = {"model": MODEL, "prompt": [5, 6], "max_tokens": 64, "temperature": 0, "ignore_eos": True}
 
     async def main():
         async with httpx.AsyncClient(timeout=300, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
@@ -153,7 +155,7 @@ def test_overload_answers_429_or_503_with_retry_after_and_loses_nothing(server):
     for r in rs:
         if r.status_code == 200:
             assert r.json()["choices"][0]["finish_reason"] == "length"
-            assert r.json()["usage"]["completion_tokens"] == 32
+            assert r.json()["usage"]["completion_tokens"] == 64
         else:   # ours (JSON) or Serve's proxy (text, for its own queue): both say when to retry
             assert int(r.headers["retry-after"]) >= 1, (r.status_code, r.headers, r.text)
             if r.headers["content-type"].startswith("application/json"):
