@@ -39,6 +39,11 @@ SMALL_ROWS = 8
 # the small bucket's own kernel must be at least this much faster at batch 1 than the large
 # bucket's, or the large one serves both (a second kernel holds a second copy of the weight)
 SECOND_KERNEL_GAIN = 1.15
+# kernels within this factor of a bucket's fastest count as equally fast: the more exact one
+# wins. w8a8's perplexity on SmolLM2 moves by ~0.3 points when a 1e-7 change in one layer's
+# input flips some activation roundings (benchmarks/NOTES.md section 6), so a speed tie on a
+# loaded machine should not decide between activation rounding and none
+SPEED_TIE = 1.10
 
 
 class BucketedKernel:
@@ -64,6 +69,7 @@ class KernelChoice:
     small_rows: int = SMALL_ROWS
     ms: dict[str, list[float | None]] = field(default_factory=dict)   # name -> [batch 1, batch B]; "dense" too
     rejected: dict[str, str] = field(default_factory=dict)            # name -> why (error or inexact, per bucket)
+    error: dict[str, float] = field(default_factory=dict)             # name -> worst token's relative error
     batch_sizes: tuple[int, int] = (1, 1)
 
     @property
@@ -79,6 +85,12 @@ class KernelChoice:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "kernel": self.kernel, "ratio_to_dense": list(self.ratio_to_dense)}
+
+
+def _fastest(names: list[str], choice: KernelChoice, at: int) -> str:
+    """The fastest of `names` at batch index `at`; among those within SPEED_TIE of it, the most exact."""
+    best = min(choice.ms[n][at] for n in names)
+    return min((n for n in names if choice.ms[n][at] <= SPEED_TIE * best), key=lambda n: choice.error[n])
 
 
 def build_chosen(kind: str, choice: KernelChoice, qw: QuantizedWeight, dtype: torch.dtype):
@@ -170,7 +182,7 @@ def choose_kernel(kind: str, qw: QuantizedWeight, dtype: torch.dtype, batch_size
         if ok != set(probes):
             worst = max(errs[x.shape[0]] for bucket in set(probes) - ok for x in probes[bucket])
             choice.rejected[cls.name] = f"{'/'.join(sorted(set(probes) - ok))} bucket only: relative error {worst:.2e} > {tol:.0e}"
-        built[cls.name], serves[cls.name] = kernel, ok
+        built[cls.name], serves[cls.name], choice.error[cls.name] = kernel, ok, max(errs.values())
     timed = [time_ms(built, probe_activations(b, inp).to(dtype)) for b in (1, batch_size)]
     choice.ms = {name: [t[name] for t in timed] for name in built}
     if not any(len(ok) == 2 for ok in serves.values()):
@@ -181,8 +193,8 @@ def choose_kernel(kind: str, qw: QuantizedWeight, dtype: torch.dtype, batch_size
         both = [n for n, ok in serves.items() if len(ok) == 2]
         choice.small = choice.large = min(both, key=lambda n: choice.ms[n][0] / dense[0] * choice.ms[n][1] / dense[1])
     else:
-        choice.large = min((n for n, ok in serves.items() if "large" in ok), key=lambda n: choice.ms[n][1])
-        choice.small = min((n for n, ok in serves.items() if "small" in ok), key=lambda n: choice.ms[n][0])
+        choice.large = _fastest([n for n, ok in serves.items() if "large" in ok], choice, 1)
+        choice.small = _fastest([n for n, ok in serves.items() if "small" in ok], choice, 0)
         if "small" in serves[choice.large] and choice.ms[choice.small][0] * SECOND_KERNEL_GAIN > choice.ms[choice.large][0]:
             choice.small = choice.large   # not worth a second copy of the weight
     kernel = built[choice.large] if choice.small == choice.large else BucketedKernel(
