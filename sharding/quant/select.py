@@ -181,7 +181,8 @@ def choose_kernel(kind: str, qw: QuantizedWeight, dtype: torch.dtype, batch_size
             continue
         if ok != set(probes):
             worst = max(errs[x.shape[0]] for bucket in set(probes) - ok for x in probes[bucket])
-            choice.rejected[cls.name] = f"{'/'.join(sorted(set(probes) - ok))} bucket only: relative error {worst:.2e} > {tol:.0e}"
+            missing = "/".join(sorted(set(probes) - ok))
+            choice.rejected[cls.name] = f"not for the {missing} bucket: relative error {worst:.2e} > {tol:.0e}"
         built[cls.name], serves[cls.name], choice.error[cls.name] = kernel, ok, max(errs.values())
     timed = [time_ms(built, probe_activations(b, inp).to(dtype)) for b in (1, batch_size)]
     choice.ms = {name: [t[name] for t in timed] for name in built}
@@ -195,7 +196,8 @@ def choose_kernel(kind: str, qw: QuantizedWeight, dtype: torch.dtype, batch_size
     else:
         choice.large = _fastest([n for n, ok in serves.items() if "large" in ok], choice, 1)
         choice.small = _fastest([n for n, ok in serves.items() if "small" in ok], choice, 0)
-        if "small" in serves[choice.large] and choice.ms[choice.small][0] * SECOND_KERNEL_GAIN > choice.ms[choice.large][0]:
+        small_ms, large_ms = choice.ms[choice.small][0], choice.ms[choice.large][0]   # both at batch 1
+        if "small" in serves[choice.large] and small_ms * SECOND_KERNEL_GAIN > large_ms:
             choice.small = choice.large   # not worth a second copy of the weight
     kernel = built[choice.large] if choice.small == choice.large else BucketedKernel(
         built[choice.small], built[choice.large], small_rows)
