@@ -149,7 +149,7 @@ class FbgemmOutliers(FbgemmPerToken):
         x = x.float()
         idx = x.abs().amax(dim=0).topk(self.k).indices               # this call's loudest channels
         # [T, k] x [k, out], the weight scale applied to the [T, out] product rather than to the
-        # [k, out] rows (index_select: aten::index was 74 us per call at batch 1, the slowest step)
+        # [k, out] rows (index_select: aten::index took 74 us a call in a batch-1 decode profile)
         loud = x.index_select(1, idx) @ self.qt.index_select(0, idx).float()
         rest = x.index_fill(1, idx, 0.0)
         if x.shape[0] == 1:   # one token: fbgemm's per-call range is already the token's own
@@ -166,7 +166,7 @@ class FbgemmFp16:
 
     AVX2 has no fast int8 x fp32 product (aten's int8pack_mm is 3-40x slower than dense here),
     but F16C converts fp16 weights on the fly: at batch 1 this reads half of fp32's bytes with
-    none of w8a8's per-call activation rounding, top-k and gathers (README Precision).
+    none of w8a8's per-call activation rounding, top-k and gathers (benchmarks/NOTES.md 6b).
     fp16 keeps 11 significant bits, so its values are within 2^-11 of the int8 weight's (~2e-4
     relative error in the output, inside every method's tolerance). 2 bytes per weight.
     """

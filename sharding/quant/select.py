@@ -32,16 +32,17 @@ from sharding.quant.kernels import BF16_TOLERANCE, CANDIDATES, REFERENCE, TOLERA
 log = logging.getLogger("shardline.quant")
 
 
+# methods that keep one kernel (one copy of the weight) per shape
 MEMORY_FIRST = {"int8", "int4"}
 # rows up to which a call counts as decode-sized: fbgemm_fp16 beats fbgemm_outliers up to ~8
-# rows on SmolLM2's shapes here and loses from ~16 (benchmarks/NOTES.md section 6)
+# rows on SmolLM2's decoder shapes here and ties it from ~16 (benchmarks/NOTES.md section 6b)
 SMALL_ROWS = 8
 # the small bucket's own kernel must be at least this much faster at batch 1 than the large
 # bucket's, or the large one serves both (a second kernel holds a second copy of the weight)
 SECOND_KERNEL_GAIN = 1.15
 # kernels within this factor of a bucket's fastest count as equally fast: the more exact one
 # wins. w8a8's perplexity on SmolLM2 moves by ~0.3 points when a 1e-7 change in one layer's
-# input flips some activation roundings (benchmarks/NOTES.md section 6), so a speed tie on a
+# input flips some activation roundings (benchmarks/NOTES.md section 6c), so a speed tie on a
 # loaded machine should not decide between activation rounding and none
 SPEED_TIE = 1.10
 
@@ -67,7 +68,7 @@ class KernelChoice:
     small: str = ""                     # kernel for calls of <= small_rows rows
     large: str = ""                     # kernel for wider calls
     small_rows: int = SMALL_ROWS
-    ms: dict[str, list[float | None]] = field(default_factory=dict)   # name -> [batch 1, batch B]; "dense" too
+    ms: dict[str, list[float]] = field(default_factory=dict)          # name -> [batch 1, batch B]; "dense" too
     rejected: dict[str, str] = field(default_factory=dict)            # name -> why (error or inexact, per bucket)
     error: dict[str, float] = field(default_factory=dict)             # name -> worst token's relative error
     batch_sizes: tuple[int, int] = (1, 1)
