@@ -257,9 +257,11 @@ def test_weight_only_model_matches_hf_on_dequantized_weights_and_prequantized_fo
     with LLM(str(folder), num_kv_blocks=32) as llm:   # the folder names its own method
         assert llm.config.quantization == method
         stored = generate_greedy(llm, prompts, max_tokens)
-    # same quantized values; the kernels (picked by timing each load) may sum in another order
-    for (t1, l1), (t2, l2) in zip(at_load, stored, strict=True):
-        assert t1 == t2 and max(abs(a - b) for a, b in zip(l1, l2)) < 1e-4
+    # same quantized values: HF on the dequantized weights within 1e-4 too. (Not 1e-4 from
+    # `at_load` itself: the kernels, picked by timing each load, may differ and sum in another
+    # order; int4pack_mm against dequant measured 1.4e-4 apart, each within 1e-4 of HF.)
+    assert_matches_hf(reference, prompts, max_tokens, stored)
+    assert [t for t, _ in stored] == [t for t, _ in at_load]
     with pytest.raises(QuantizationError, match=f"load it with quantization='{method}'"):
         LLM(str(folder), quantization="w8a8")
 
