@@ -185,7 +185,7 @@ def choose_kernel(kind: str, qw: QuantizedWeight, dtype: torch.dtype, batch_size
             missing = "/".join(sorted(set(probes) - ok))
             choice.rejected[cls.name] = f"not for the {missing} bucket: relative error {worst:.2e} > {tol:.0e}"
         built[cls.name], serves[cls.name], choice.error[cls.name] = kernel, ok, max(errs.values())
-    timed = [time_ms(built, probe_activations(b, inp).to(dtype)) for b in (1, batch_size)]
+    timed = [time_ms(built, xs[b]) for b in (1, batch_size)]
     choice.ms = {name: [t[name] for t in timed] for name in built}
     if not any(len(ok) == 2 for ok in serves.values()):
         # cannot happen while the reference is a candidate; say so loudly if it does
