@@ -20,6 +20,11 @@ fp32 measured in the same run.
     python benchmarks/bench_precision.py                 # all five precisions, 32 requests
     python benchmarks/bench_precision.py --only fp32 int8 --requests 8
     python benchmarks/bench_precision.py --quick --requests 16      # a loaded machine
+    python benchmarks/bench_precision.py --quick --requests 16 --only fp32 w8a8 --interleaved 3
+
+--interleaved R adds a speed table measured the other way: every listed precision loaded in
+this one process and their decode and throughput runs interleaved (A B, B A, ...) for R rounds,
+so load from other processes hits each alike; ratios are medians of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -151,6 +156,40 @@ def report(results: list[dict], bandwidth_gbs: float, flags: dict) -> str:
         common.markdown_table(["precision", "shape", "chosen", "candidates ms (b1/bB)", "rejected"], krows)])
 
 
+def interleaved_speed(names: list[str], model: str, requests: int, quick: bool, rounds: int) -> str:
+    """Batch-1 decode and throughput of every precision, loaded side by side and timed in turn."""
+    from benchmarks.workload import make_requests
+    from cluster import LLM, SamplingParams
+
+    decode_tokens = QUICK[2] if quick else DECODE_TOKENS
+    llms = {n: LLM(model, dtype=PRECISIONS[n][0], quantization=PRECISIONS[n][1], max_num_seqs=32,
+                   max_num_batched_tokens=2048, kv_cache_memory=256 * 2**20) for n in names}
+    prompt = [{"prompt_token_ids": list(range(100, 100 + PROMPT_LEN))}]
+    one = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
+    reqs = make_requests(requests, vocab_size=49152, max_prompt=128, max_output=64)
+    batch = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
+    params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
+    for llm in llms.values():   # warm-up
+        llm.generate(prompt, one, use_tqdm=False)
+    decode = common.interleaved({n: lambda llm=llm: common.timed(lambda: llm.generate(prompt, one, use_tqdm=False))
+                                 for n, llm in llms.items()}, rounds)
+    thr = common.interleaved({n: lambda llm=llm: common.timed(lambda: llm.generate(batch, params, use_tqdm=False))
+                              for n, llm in llms.items()}, rounds)
+    for llm in llms.values():
+        llm.shutdown()
+    rows = []
+    for n in names:
+        d_ratio = [b / x for b, x in zip(decode["fp32"], decode[n])]
+        t_ratio = [b / x for b, x in zip(thr["fp32"], thr[n])]
+        rows.append([n, f"{1e3 * common.median(decode[n]) / decode_tokens:.1f}", f"{common.median(d_ratio):.2f}x",
+                     " ".join(f"{r:.2f}" for r in d_ratio),
+                     f"{sum(r.max_tokens for r in reqs) / common.median(thr[n]):.1f}", f"{common.median(t_ratio):.2f}x",
+                     " ".join(f"{r:.2f}" for r in t_ratio)])
+    return "\n\n".join([f"Interleaved in one process, {rounds} rounds, {requests} requests ({common.machine_line()}):",
+                         common.markdown_table(["precision", "decode ms/token", "decode speed-up", "per round",
+                                                "throughput tok/s", "throughput ratio", "per round"], rows)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -162,6 +201,8 @@ def main() -> None:
     ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="benchmarks/results/precision", help="writes OUT.json and OUT.md")
     ap.add_argument("--append-md", default=None, help="also append the table to this file (run_all.py)")
+    ap.add_argument("--interleaved", type=int, default=0, metavar="R",
+                    help="also time decode and throughput of all precisions in one process, R interleaved rounds")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse /tmp/bench_precision_NAME.json of an earlier run with the same --requests")
     args = ap.parse_args()
@@ -184,6 +225,8 @@ def main() -> None:
     common.set_threads(2)
     bandwidth = common.median([common.memory_bandwidth_gbs()() for _ in range(3)])
     text = report(results, bandwidth, cpu_flags())
+    if args.interleaved:
+        text += "\n\n" + interleaved_speed(names, model, args.requests, args.quick, args.interleaved)
     print(text)
     pathlib.Path(args.out + ".json").parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out + ".json").write_text(json.dumps({"machine": common.machine_line(), "cpu_flags": cpu_flags(),

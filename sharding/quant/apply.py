@@ -17,8 +17,7 @@ from torch import nn
 from sharding.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from sharding.layers.linear import DenseMatmul, LinearBase, RowParallelLinear
 from sharding.quant.formats import quantize
-from sharding.quant.kernels import CANDIDATES
-from sharding.quant.select import KernelChoice, choose_kernel
+from sharding.quant.select import KernelChoice, build_chosen, choose_kernel
 from sharding.quant.spec import QuantizationError, QuantSpec, largest_group_size, parse_method
 
 # the throughput benchmark's batch is 64 wide; larger engine batches are timed at this size
@@ -65,10 +64,11 @@ def kernel_kind(name: str, layer: nn.Module, spec: QuantSpec) -> str:
 
     Its input (the gated MLP activation, 1536 wide on SmolLM2) has the loudest, most token-
     dependent channels: with 7-bit activations there it costs ~1 point of perplexity more than
-    all the other layers together leave (measured: README Precision), so it runs int8 weight-only.
+    all the other layers together leave (measured: README Precision), so it runs int8 weight-only
+    ("w8a8_wo": int8's candidates plus fbgemm's fp16-weight GEMM, speed before memory).
     """
     if spec.kind == "w8a8" and isinstance(layer, RowParallelLinear) and ".mlp." in f".{name}":
-        return "int8"
+        return "w8a8_wo"
     return spec.kind
 
 
@@ -132,11 +132,11 @@ def quantize_stage(stage: nn.Module, spec: QuantSpec | str, batch_size: int, whe
         w, kind = layer.weight, kernel_kind(name, layer, spec)
         qw = quantize(w, spec.kind, spec.group_size, _whole_row_amax(layer, spec))
         key = (kind, *w.shape)
-        if key in choices:   # same shape: same kernel, built on this layer's own weight
-            kernel = next(c for c in CANDIDATES[kind] if c.name == choices[key].kernel)(qw, w.dtype)
+        if key in choices:   # same shape: same kernel(s), built on this layer's own weight
+            kernel = build_chosen(kind, choices[key], qw, w.dtype)
         else:
             kernel, choices[key] = choose_kernel(kind, qw, w.dtype, min(batch_size, MAX_TIMED_BATCH))
-        layer.matmul = QuantizedMatmul(kernel, choices[key].kernel)
+        layer.matmul = QuantizedMatmul(kernel, kernel.name)   # "a|b": small bucket | large
         report.layers += 1
         if isinstance(layer, LinearBase):
             report.linear_weight_bytes += kernel.nbytes
@@ -149,6 +149,6 @@ def quantize_stage(stage: nn.Module, spec: QuantSpec | str, batch_size: int, whe
     if not spec.quantizes_lm_head:
         report.kept_dense.append("lm_head (weight-only methods leave it dense)")
     report.kept_dense.append("embeddings (a row lookup per token)")
-    # "out x in" (w8a8's weight-only layers: "out x in int8")
+    # "out x in" (w8a8's weight-only layers: "out x in w8a8_wo")
     report.kernels = {f"{o}x{i}" + (f" {k}" if k != spec.kind else ""): c.to_dict() for (k, o, i), c in choices.items()}
     return report

@@ -9,10 +9,15 @@ everywhere and define what the method computes, so they are the reference the ot
     int8    int8pack_mm (aten._weight_int8pack_mm), dequant
     int4    int4pack_mm (aten._weight_int4pack_mm_for_cpu), dequant
     w8a8    fbgemm_outliers (the call's 8 loudest input channels dense, the rest through
-            quantized.linear_dynamic on rows scaled to one range: 7-bit per token), dequant
+            quantized.linear_dynamic on rows scaled to one range: 7-bit per token),
+            fbgemm_fp16 (the int8 weight's values in fp16, activations unrounded), dequant
             (not candidates any more, kept to measure against: fbgemm_per_token without the
             outlier channels, +8 % perplexity on SmolLM2; fbgemm_dynamic, what `quantize_dynamic`
             runs, one 7-bit range per call; int_mm, torch._int_mm, 100x slower at batch 64 here)
+    w8a8_wo w8a8's weight-only layers (the MLP output projection): fbgemm_fp16, int8pack_mm, dequant
+
+The selector picks one kernel per batch-size bucket (`sharding.quant.select`), so a layer may
+run fbgemm_fp16 in batch-1 decode and fbgemm_outliers on a prefill or a wide batch.
 """
 
 from __future__ import annotations
@@ -143,10 +148,39 @@ class FbgemmOutliers(FbgemmPerToken):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         idx = x.abs().amax(dim=0).topk(self.k).indices               # this call's loudest channels
-        loud = x[:, idx] @ (self.qt[idx].float() * self.scale)        # [T, k] x [k, out]
+        # [T, k] x [k, out], the weight scale applied to the [T, out] product rather than to the
+        # [k, out] rows (index_select: aten::index took 74 us a call in a batch-1 decode profile)
+        loud = x.index_select(1, idx) @ self.qt.index_select(0, idx).float()
         rest = x.index_fill(1, idx, 0.0)
+        if x.shape[0] == 1:   # one token: fbgemm's per-call range is already the token's own
+            return torch.addcmul(torch.ops.quantized.linear_dynamic(rest, self.packed, True),
+                                 loud, self.scale).to(self.dtype)
         amax = rest.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
-        return (torch.ops.quantized.linear_dynamic(rest / amax, self.packed, True) * amax + loud).to(self.dtype)
+        y = torch.ops.quantized.linear_dynamic(rest.div_(amax), self.packed, True).mul_(amax)
+        return y.addcmul_(loud, self.scale).to(self.dtype)
+
+
+class FbgemmFp16:
+    """fbgemm's fp16-weight GEMM (`quantized.linear_dynamic_fp16`): the int8 weight's values
+    (q * scale) held in fp16, activations left in fp32.
+
+    AVX2 has no fast int8 x fp32 product (aten's int8pack_mm is 3-40x slower than dense here),
+    but F16C converts fp16 weights on the fly: at batch 1 this reads half of fp32's bytes with
+    none of w8a8's per-call activation rounding, top-k and gathers (benchmarks/NOTES.md 6b).
+    fp16 keeps 11 significant bits, so its values are within 2^-11 of the int8 weight's (~2e-4
+    relative error in the output, inside every method's tolerance). 2 bytes per weight.
+    """
+
+    name = "fbgemm_fp16"
+
+    def __init__(self, qw: QuantizedWeight, dtype: torch.dtype):
+        self.packed = torch.ops.quantized.linear_prepack_fp16(dequantize(qw), None)
+        self.dtype = dtype
+        out, inp = qw.shape
+        self.nbytes = 2 * out * inp   # the packed fp16 copy is opaque: its values' bytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed).to(self.dtype)
 
 
 class DequantOutliers:
@@ -188,13 +222,15 @@ OUTLIER_CHANNELS = 8
 CANDIDATES = {
     "int8": [Int8PackMM, DequantMatmul],
     "int4": [Int4PackMM, DequantMatmul],
-    "w8a8": [FbgemmOutliers, DequantOutliers],
+    # fbgemm_fp16 (2 bytes per weight) only in the speed-first mode: the memory-first int8 keeps 1
+    "w8a8": [FbgemmOutliers, FbgemmFp16, DequantOutliers],
+    "w8a8_wo": [FbgemmFp16, Int8PackMM, DequantMatmul],
 }
-REFERENCE = {"int8": DequantMatmul, "int4": DequantMatmul, "w8a8": DequantOutliers}
+REFERENCE = {"int8": DequantMatmul, "int4": DequantMatmul, "w8a8": DequantOutliers, "w8a8_wo": DequantMatmul}
 # relative L2 error against the reference above which a candidate is not "exact enough":
 # weight-only kernels differ only in summation order; fbgemm's per-call 7-bit activations are
 # coarser than the reference's per-token 8-bit ones, by design of that kernel
-TOLERANCE = {"int8": 1e-3, "int4": 1e-3, "w8a8": 3e-2}
+TOLERANCE = {"int8": 1e-3, "int4": 1e-3, "w8a8": 3e-2, "w8a8_wo": 1e-3}
 # w8a8 candidates round activations differently from the reference (fbgemm: 7-bit, to avoid
 # int16 overflow in AVX2's vpmaddubsw); each token's error against the unquantized-activation
 # matmul may be this multiple of the reference's own (per-token 8-bit) error: 7-bit per token
