@@ -37,6 +37,11 @@ BIN = Path(sys.executable).parent
 API_KEY = "test-key-" + secrets.token_hex(4)
 MODEL = "tiny-llama"                       # --served-model-name
 MAX_BODY, MAX_CHARS = 100_000, 4_000       # the shared server's --max-request-bytes, --max-prompt-chars
+# the shared server's --max-queued-requests: Serve holds a request in its caller's queue until a replica
+# is picked, and a burst waits there while the router probes the replicas' queue lengths - under load a
+# 32-stream burst overflowed 20 (a 503 from Serve's proxy in CI), so it stays above every burst a test
+# expects to be accepted whole
+MAX_QUEUED = 64
 EXTRA = {"ignore_eos": True}               # the random model emits EOS early; compare full lengths
 LONG = 200                                 # tokens of a long stream
 KILLS_ENGINE = "kills_server_engine"       # marks the test that leaves the shared server with a dead engine
@@ -146,7 +151,7 @@ def server(tiny_llama_dir):
     expensive part); at the end, SIGTERM with --drain-timeout 0 while a stream is in flight."""
     args = [str(tiny_llama_dir), "--served-model-name", MODEL,
             "--pipeline-parallel-size", "2", "--data-parallel-size", "2", "--name", "t",
-            "--api-key", API_KEY, "--max-ongoing-requests", "100", "--max-queued-requests", "20",
+            "--api-key", API_KEY, "--max-ongoing-requests", "100", "--max-queued-requests", str(MAX_QUEUED),
             "--max-num-seqs", "8", "--max-waiting-requests", "32", "--max-request-bytes", str(MAX_BODY),
             "--max-prompt-chars", str(MAX_CHARS), "--drain-timeout", "0",
             "--max-restarts", "0"]   # fail-stop: the last test kills a worker to see a dead engine

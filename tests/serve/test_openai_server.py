@@ -136,7 +136,7 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
 
 
 def test_overload_answers_429_or_503_with_retry_after_and_loses_nothing(server):
-    """A burst of 150 against 100 ongoing + 20 queued at the ingress and, per engine replica, 8 running +
+    """A burst of 150 against 100 ongoing + 64 queued at the ingress and, per engine replica, 8 running +
     32 waiting: the engines' bounded queues answer 429, Serve's queue 503, both with Retry-After; every
     request gets one of 200 / 429 / 503, and every 200 is a complete output."""
     # 64 tokens each: long enough that the engines' queues fill even with the pipelined engine, which
