@@ -3,8 +3,9 @@
 The scheduler splits each step's batch into P micro-batches (P = pipeline stages). This runs one
 rank and PP=2 engines with 1, 2 and 4 micro-batches per stage (P, 2P, 4P per step) side by side,
 all alive at once, their decode steps interleaved (`bench_ray.DecodeRun`), and prints each
-step time and single/PP ratio. The factor is set on each PP engine's schedulers here only; the
-engine itself always uses P.
+step time and single/PP ratio. The factor is `Scheduler.micro_batches_per_stage`, set on each PP
+engine's schedulers here only (engines use 1); the PP engines run fill-and-drain
+(`pipeline_overlap=False`), as when NOTES 5b was measured.
 
     python benchmarks/bench_microbatches.py [--batch 64] [--reps 5]
 """
@@ -22,20 +23,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the r
 from benchmarks import common  # noqa: E402  (first: it sets OpenMP's wait policy before torch loads)
 # isort: on
 from benchmarks import bench_ray  # noqa: E402
-from scheduler import scheduler as sched_mod  # noqa: E402
-from scheduler.scheduler import MicroBatch  # noqa: E402
-
-
-def split_into_more(self, items):
-    """`Scheduler._split` with `self.mb_factor` x P micro-batches (balanced token counts)."""
-    k = min(self.config.pipeline_parallel_size * getattr(self, "mb_factor", 1), len(items))
-    groups: list[list[int]] = [[] for _ in range(k)]
-    loads = [0] * k
-    for j in sorted(range(len(items)), key=lambda j: -items[j].num_new):
-        g = loads.index(min(loads))
-        groups[g].append(j)
-        loads[g] += items[j].num_new
-    return [MicroBatch(items=[items[j] for j in sorted(g)]) for g in groups]
 
 
 def main(argv=None) -> None:
@@ -44,7 +31,6 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4])
     args = ap.parse_args(argv)
-    sched_mod.Scheduler._split = split_into_more
     run_args = argparse.Namespace(batches=[args.batch], prompt_len=32, warmup=2, reps=args.reps, steps=3)
     common.set_threads(2)
     bench_ray.start_ray(8)
@@ -52,9 +38,10 @@ def main(argv=None) -> None:
     llms = {"single": bench_ray.start_layout(model, 1, 1, run_args)[0]}
     try:
         for m in args.factors:
-            llm = bench_ray.start_layout(model, 1, 2, run_args)[0]
+            # the fill-and-drain engine NOTES 5b measured (the pipelined one splits a step by lanes)
+            llm = bench_ray.start_layout(model, 1, 2, run_args, pipeline_overlap=False)[0]
             for s in llm.engine.schedulers:
-                s.mb_factor = m
+                s.micro_batches_per_stage = m
             llms[f"PP=2, {2 * m} micro-batches"] = llm
         runs = {k: bench_ray.DecodeRun(llm, args.batch, run_args, k) for k, llm in llms.items()}
         res = common.interleaved({k: (lambda r=r: r.time_steps(run_args.steps)) for k, r in runs.items()},

@@ -60,6 +60,16 @@ def main() -> None:
         pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
 
 
+def standby_memory(llm) -> dict:
+    """Median memory of the waiting standby processes (this node's): USS = what each one alone holds."""
+    import psutil
+
+    pids = [ray.get(a.ping.remote())["pid"] for a in llm.executor.standby.actors.values()]
+    infos = [psutil.Process(p).memory_full_info() for p in pids]
+    return {"uss_mib": statistics.median(i.uss for i in infos) / 2**20,
+            "rss_mib": statistics.median(i.rss for i in infos) / 2**20}
+
+
 def run_mode(model: str, args, standby: bool) -> dict:
     t0 = time.monotonic()
     llm = LLM(model, tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp, max_restarts=args.kills,
@@ -72,6 +82,8 @@ def run_mode(model: str, args, standby: bool) -> dict:
         for k in range(args.kills):
             if standby:   # a rebuild finds its standbys started (they start in the background after each one)
                 llm.executor.standby.wait_full(300.0)
+                if k == 0:
+                    memory = standby_memory(llm)
             workers = [w for w in llm.executor.workers if w is not None]
             victim = workers[(k + 1) % len(workers)]
             t_fault = time.monotonic()
@@ -90,7 +102,10 @@ def run_mode(model: str, args, standby: bool) -> dict:
     finally:
         llm.shutdown()
     median = statistics.median(r["recovery_s"] for r in runs)
-    return {"cold_start_s": cold_s, "cold_phases_s": cold_phases, "runs": runs, "median_recovery_s": median,
+    if standby:
+        print(f"an idle standby holds {memory['uss_mib']:.0f} MiB of its own (USS; RSS {memory['rss_mib']:.0f} MiB)")
+    return {"standby_memory_mib": memory if standby else None,
+            "cold_start_s": cold_s, "cold_phases_s": cold_phases, "runs": runs, "median_recovery_s": median,
             "median_fault_to_serving_s": statistics.median(r["fault_to_serving_s"] for r in runs),
             "recovery_over_cold_start": median / cold_s}
 

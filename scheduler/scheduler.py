@@ -87,6 +87,8 @@ class SampledToken:
 class Scheduler:
     """Continuous batching, chunked prefill and preemption by recompute for ONE replica."""
 
+    micro_batches_per_stage = 1   # micro-batches per step = P x this (benchmarks/bench_microbatches.py varies it)
+
     def __init__(self, config: EngineConfig, num_kv_blocks: int) -> None:
         self.config = config
         self.block_manager = BlockManager(num_kv_blocks, config.block_size, config.enable_prefix_caching)
@@ -244,7 +246,7 @@ class Scheduler:
 
     def _split(self, items: list[ScheduledItem]) -> list[MicroBatch]:
         """Up to P micro-batches with balanced token counts (largest first into the lightest)."""
-        k = min(self.config.pipeline_parallel_size, len(items))
+        k = min(self.config.pipeline_parallel_size * self.micro_batches_per_stage, len(items))
         groups: list[list[int]] = [[] for _ in range(k)]
         loads = [0] * k
         for j in sorted(range(len(items)), key=lambda j: -items[j].num_new):
