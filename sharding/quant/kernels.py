@@ -221,7 +221,11 @@ OUTLIER_CHANNELS = 8
 
 CANDIDATES = {
     "int8": [Int8PackMM, DequantMatmul],
-    "int4": [Int4PackMM, DequantMatmul],
+    # Int4PackMM is not offered: it passes the per-matmul check, but on the tiny test models its
+    # greedy logprobs drift up to 1.45e-4 from HF on the dequantized weights, past the 1e-4 standard
+    # (tests/unit/test_quant.py failed 4 runs in 5 when timing picked it); it also lost 25-200x at
+    # batch 32 on this CPU
+    "int4": [DequantMatmul],
     # fbgemm_fp16 (2 bytes per weight) only in the speed-first mode: the memory-first int8 keeps 1
     "w8a8": [FbgemmOutliers, FbgemmFp16, DequantOutliers],
     "w8a8_wo": [FbgemmFp16, Int8PackMM, DequantMatmul],

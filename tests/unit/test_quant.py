@@ -117,8 +117,9 @@ def test_every_kernel_that_builds_matches_the_reference(kind, group, shape):
         for batch in (1, 8):
             x = torch.randn(batch, shape[1])
             assert relative_error(kernel(x), ref(x)) <= TOLERANCE[kind], f"{cls.name} batch {batch}"
-    # a native kernel besides the portable fallback (aten's int4 packing wants whole 32-row tiles)
-    assert built >= (2 if shape[0] % 32 == 0 or kind != "int4" else 1)
+    # a native kernel besides the portable fallback - except int4, which offers the fallback only
+    # (aten's int4pack kernel drifts past the 1e-4 logprob standard: sharding/quant/kernels.py)
+    assert built >= (1 if kind == "int4" else 2)
 
 
 class _Broken:
@@ -259,7 +260,7 @@ def test_weight_only_model_matches_hf_on_dequantized_weights_and_prequantized_fo
         stored = generate_greedy(llm, prompts, max_tokens)
     # same quantized values: HF on the dequantized weights within 1e-4 too. (Not 1e-4 from
     # `at_load` itself: the kernels, picked by timing each load, may differ and sum in another
-    # order; int4pack_mm against dequant measured 1.4e-4 apart, each within 1e-4 of HF.)
+    # order.)
     assert_matches_hf(reference, prompts, max_tokens, stored)
     assert [t for t, _ in stored] == [t for t, _ in at_load]
     with pytest.raises(QuantizationError, match=f"load it with quantization='{method}'"):
