@@ -151,19 +151,23 @@ def test_w8a8_selection_rejects_one_range_per_call_and_outlier_channels_skip_act
     token is rounded on its own range: the outlier decomposition beats per-token fbgemm."""
     from sharding.quant.kernels import OUTLIER_CHANNELS, DequantOutliers, FbgemmDynamic, FbgemmOutliers, FbgemmPerToken
 
-    qw = quantize(torch.randn(96, 128) * 0.05, "w8a8")
+    g = torch.Generator().manual_seed(0)
+    qw = quantize(torch.randn(96, 128, generator=g) * 0.05, "w8a8")
     candidates = [FbgemmOutliers, FbgemmDynamic, DequantOutliers]
     _, choice = choose_kernel("w8a8", qw, torch.float32, 16, candidates=candidates)
     assert "relative error" in choice.rejected["fbgemm_dynamic"]
     assert {"fbgemm_outliers", "dequant"} <= set(choice.ms) and choice.large in ("fbgemm_outliers", "dequant")
-    x = torch.randn(4, 128) * torch.tensor([[0.01], [0.1], [1.0], [10.0]])
+    # 16 tokens from 0.01 to 10 in scale, seeded: with 4 tokens and no seed, the worst-row ratio
+    # below ranged 0.04-0.92 over draws (17 in 200 past 0.5, one of them in CI); over 16 tokens the
+    # mean ratio stays within 0.05-0.11 on 300 seeds, so the 0.5 bound tests the method, not the draw
+    x = torch.randn(16, 128, generator=g) * torch.logspace(-2, 1, 16).unsqueeze(1)
     x[:, :4] *= 30   # loud channels, as in SmolLM2's activations
     exact = x @ dequantize(qw).t()
 
     def rows(kernel):
         return (kernel(qw, torch.float32)(x) - exact).norm(dim=-1) / exact.norm(dim=-1)
     assert OUTLIER_CHANNELS >= 4 and float(rows(FbgemmOutliers).max()) < 0.05   # the quietest token too
-    assert float(rows(FbgemmOutliers).max()) < 0.5 * float(rows(FbgemmPerToken).max())
+    assert float(rows(FbgemmOutliers).mean()) < 0.5 * float(rows(FbgemmPerToken).mean())
 
 
 class _SlowExact(DequantOutliers):
