@@ -146,7 +146,10 @@ def keep_ray_on_loopback() -> None:
         pass
 
 
-def worker_runtime_env(repo_root: Path) -> dict:
+REPO_ROOT = Path(__file__).resolve().parent.parent   # holds cluster/, sharding/, scheduler/
+
+
+def worker_runtime_env(repo_root: Path = REPO_ROOT) -> dict:
     """Let workers import `cluster`, `sharding`, `scheduler` - without a runtime env when they already can.
 
     A runtime env costs each actor ~1-2 s (no pre-started worker process fits it), so it is only

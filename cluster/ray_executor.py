@@ -45,7 +45,6 @@ import logging
 import time
 import uuid
 from functools import partial
-from pathlib import Path
 
 import ray
 from ray.util.placement_group import PlacementGroup
@@ -75,7 +74,6 @@ __all__ = ["ExistingGroup", "PlacementTimeoutError", "RayExecutor"]
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent   # holds cluster/, sharding/, scheduler/
 WARMUP_SEQ_ID = -1              # never a real request's id
 
 
@@ -220,7 +218,7 @@ class RayExecutor:
 
     def _spawn_workers(self, replicas: list[int]) -> None:
         """Step 5. One actor per rank, pinned to its bundle (see `ray_workers.strategy_for`)."""
-        runtime_env = worker_runtime_env(REPO_ROOT)
+        runtime_env = worker_runtime_env()
         gen = f"-g{self._generation}" if self._generation else ""   # a killed actor's name stays taken a moment
         self._generation += 1
         standby = {g: a for r in replicas for g, a in self.standby.take(r).items()}

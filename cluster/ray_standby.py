@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import ray
@@ -36,7 +35,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 ALIVE_WAIT_S = 1.0      # how long `take` waits for a standby's answer before trusting it is still starting
 
 
@@ -71,12 +69,13 @@ class Standby:
 
     def _fill(self, replicas: list[int], set_no: int) -> None:
         ex = self.ex
+        runtime_env = worker_runtime_env()   # the workers' (cluster/ray_executor.py), once per set
         for rank in ex.ranks:
             if rank.replica not in replicas or rank.global_rank in self.actors or ex.closed:
                 continue
             name = f"{ex.name_prefix}-standby{set_no}-rank{rank.global_rank}"
             actor = spawn_worker(rank, ex.layout, strategy_for(rank, ex.groups, ex.placement),
-                                 worker_runtime_env(REPO_ROOT), name, standby=True).actor
+                                 runtime_env, name, standby=True).actor
             with self._lock:
                 self._starting.append(actor)
             try:   # imports now (torch, the model code, the HF config class), then it waits

@@ -22,7 +22,6 @@ from ray.serve.config import BackpressureConfig
 
 from cluster.placement import default_cpu_share, worker_bundle
 from cluster.ray_connect import worker_runtime_env
-from cluster.ray_executor import REPO_ROOT
 from cluster.serve.config import DEFAULT_APP_NAME, ENGINE_DEPLOYMENT, ServeConfig
 from cluster.serve.engine_deployment import ShardlineEngine
 from cluster.serve.errors import BACKPRESSURE_RETRY_S
@@ -44,7 +43,7 @@ def build_app(config: ServeConfig, app_name: str = DEFAULT_APP_NAME) -> serve.Ap
     use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     share = config.cpus_per_worker or _default_share(config)
     bundles, strategy = engine_bundles(config.tensor_parallel_size, config.pipeline_parallel_size, share, use_gpu)
-    env = worker_runtime_env(REPO_ROOT)
+    env = worker_runtime_env()
     # past both limits Serve itself answers 503 (its proxy, or a BackPressureError through the handle),
     # with a Retry-After header
     limits = {"max_ongoing_requests": config.max_ongoing_requests,

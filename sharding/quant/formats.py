@@ -6,8 +6,7 @@ A weight is the layer's local slice, [out, in] like `nn.Linear`.
   [out, in / group]; w ~= q * scale + low, q in [0, 15]. fp16, not fp32: at group 32 the two
   fp32 numbers would cost 2 of every 6 bits (5.3x smaller than fp32), in fp16 1 of 5 (6.4x).
   The value is computed from the fp16-rounded scale and low, so what is stored is exactly what
-  was chosen. (aten's int4pack kernel wants (q - 8) * scale + zero: zero = low + 8 * scale,
-  built with the kernel.)
+  was chosen.
 
 int4 rounding without calibration data: per group, a few clipped ranges [low, high] are tried
 (the extremes pulled towards 0, as AWQ's clipping search does with activations), then the best

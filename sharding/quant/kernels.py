@@ -7,7 +7,7 @@ everywhere and define what the method computes, so they are the reference the ot
 
     method  candidates (fastest exact-enough one wins, per weight shape)
     int8    int8pack_mm (aten._weight_int8pack_mm), dequant
-    int4    int4pack_mm (aten._weight_int4pack_mm_for_cpu), dequant
+    int4    dequant (aten's int4pack_mm is not offered: see CANDIDATES)
     w8a8    fbgemm_outliers (the call's 8 loudest input channels dense, the rest through
             quantized.linear_dynamic on rows scaled to one range: 7-bit per token),
             fbgemm_fp16 (the int8 weight's values in fp16, activations unrounded), dequant
@@ -27,7 +27,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from sharding.quant.formats import QuantizedWeight, dequantize, quantize_activations, unpack_int4
+from sharding.quant.formats import QuantizedWeight, dequantize, quantize_activations
 
 
 def _nbytes(*tensors) -> int:
@@ -70,25 +70,6 @@ class Int8PackMM:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.q, self.scale)
-
-
-class Int4PackMM:
-    name = "int4pack_mm"
-
-    def __init__(self, qw: QuantizedWeight, dtype: torch.dtype):
-        self.group_size = qw.group_size
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(qw.q).to(torch.int32), 1)
-        # scales_and_zeros: [in / group, out, 2] in the activation dtype; aten computes
-        # (q - 8) * scale + zero, our format q * scale + low: zero = low + 8 * scale
-        # (held in fp16 like the format, cast per call: 1/16 of the weight's values at group 32,
-        # where fp32 copies would cost a sixth of int4's memory)
-        scale, low = qw.scale.float().t(), qw.low.float().t()
-        self.scales_zeros = torch.stack([scale, low + 8 * scale], dim=-1).contiguous().half()
-        self.nbytes = _nbytes(self.packed, self.scales_zeros)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group_size,
-                                                          self.scales_zeros.to(x.dtype))
 
 
 class FbgemmDynamic:
@@ -221,10 +202,10 @@ OUTLIER_CHANNELS = 8
 
 CANDIDATES = {
     "int8": [Int8PackMM, DequantMatmul],
-    # Int4PackMM is not offered: it passes the per-matmul check, but on the tiny test models its
-    # greedy logprobs drift up to 1.45e-4 from HF on the dequantized weights, past the 1e-4 standard
-    # (tests/unit/test_quant.py failed 4 runs in 5 when timing picked it); it also lost 25-200x at
-    # batch 32 on this CPU
+    # aten's int4pack_mm (_weight_int4pack_mm_for_cpu) is not offered (removed): it passes the
+    # per-matmul check, but on the tiny test models its greedy logprobs drift up to 1.45e-4 from HF
+    # on the dequantized weights, past the 1e-4 standard (tests/unit/test_quant.py failed 4 runs in
+    # 5 when timing picked it); it also lost 25-200x at batch 32 on this CPU
     "int4": [DequantMatmul],
     # fbgemm_fp16 (2 bytes per weight) only in the speed-first mode: the memory-first int8 keeps 1
     "w8a8": [FbgemmOutliers, FbgemmFp16, DequantOutliers],

@@ -160,7 +160,7 @@ def choose_kernel(kind: str, qw: QuantizedWeight, dtype: torch.dtype, batch_size
     reference = REFERENCE[kind](qw, dtype)
     tol = max(TOLERANCE[kind], BF16_TOLERANCE if dtype != torch.float32 else 0.0)
     dense_w = dequantize(qw, dtype)
-    xs = {b: x for bucket in probes.values() for x in bucket for b in [x.shape[0]]}
+    xs = {x.shape[0]: x for bucket in probes.values() for x in bucket}   # batch -> probe
     if kind == "w8a8":   # rounding activations is the method: allow a multiple of the reference's own error
         refs = {b: F.linear(x, dense_w) for b, x in xs.items()}   # ... against the unquantized activations
         tol = max(tol, W8A8_ERROR_FACTOR * max(row_relative_error(reference(x), refs[b]) for b, x in xs.items()))

@@ -3,6 +3,7 @@ takes a replica's standbys only as a whole set (no Ray calls on these paths)."""
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -34,7 +35,8 @@ def test_a_replica_takes_its_standbys_only_when_every_rank_has_one():
 def test_disabled_standby_starts_nothing():
     standby = Standby(executor(False))
     standby.fill([0, 1])   # would need Ray if it started anything
-    assert standby.actors == {}
+    assert standby._sets == 0 and standby.actors == {}, "fill started a set of standbys"
+    assert not [t for t in threading.enumerate() if t.name.startswith("shardline-standby")]
 
 
 def test_standby_workers_must_be_a_bool():
